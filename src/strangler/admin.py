@@ -1,0 +1,106 @@
+"""The admin port: a Starlette app, bound to 127.0.0.1 unless configured.
+
+Read-only endpoints are open (the port is not meant to be reachable from the
+internet); every mutating call needs ``Authorization: Bearer
+$STRANGLER_ADMIN_TOKEN``. Without a configured token, mutating calls are
+refused outright rather than left open.
+
+=================  ======  ==================================================
+path               method  what
+=================  ======  ==================================================
+/healthz           GET     the process is up
+/readyz            GET     a route file is loaded (503 otherwise); detail
+/metrics           GET     Prometheus text format (all workers)
+/api/routes        GET     effective routes, weights and backends
+/api/reload        POST    re-read the route file now (token)
+=================  ======  ==================================================
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from strangler import metrics
+from strangler.runtime import ReloadResult, Runtime
+
+__all__ = ["create_app"]
+
+ReloadHook = Callable[[str], Awaitable[ReloadResult]]
+
+
+def _authorized(request: Request, token: str | None) -> Response | None:
+    """None when the request carries the admin token, else the error response."""
+    if not token:
+        return JSONResponse(
+            {"error": "forbidden", "message": "set STRANGLER_ADMIN_TOKEN to enable admin changes"},
+            status_code=403,
+        )
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return JSONResponse(
+            {"error": "unauthorized", "message": "a valid bearer token is required"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="strangler-admin"'},
+        )
+    return None
+
+
+def create_app(
+    runtime: Runtime,
+    *,
+    token: str | None = None,
+    reload: ReloadHook | None = None,
+    extra_status: Callable[[], dict[str, Any]] | None = None,
+) -> Starlette:
+    """Build the admin app. ``reload`` overrides what ``POST /api/reload`` does
+    (the multi-worker supervisor also signals its workers)."""
+    do_reload: ReloadHook = reload or runtime.reload
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        detail: dict[str, Any] = {
+            "ready": runtime.ready,
+            "file": str(runtime.path),
+            "generation": runtime.current.generation if runtime.ready else 0,
+            "last_reload_error": list(runtime.last_error) or None,
+        }
+        if extra_status is not None:
+            detail.update(extra_status())
+        return JSONResponse(detail, status_code=200 if runtime.ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(
+            metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    async def routes(request: Request) -> Response:
+        if not runtime.ready:
+            return JSONResponse({"error": "not_ready"}, status_code=503)
+        return JSONResponse(runtime.describe())
+
+    async def reload_endpoint(request: Request) -> Response:
+        denied = _authorized(request, token)
+        if denied is not None:
+            return denied
+        result = await do_reload("admin API")
+        return JSONResponse(result.as_dict(), status_code=200 if result.ok else 422)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+            Route("/api/routes", routes),
+            Route("/api/reload", reload_endpoint, methods=["POST"]),
+        ]
+    )

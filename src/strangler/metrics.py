@@ -1,0 +1,140 @@
+"""Every Prometheus metric, in one place.
+
+``.labels(...)`` costs a few microseconds, so the request path never calls it:
+`children` returns a cached bundle per (route, backend) and the proxy keeps
+using it.
+
+With several workers the gateway runs prometheus-client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR`` is set before any worker starts); each gauge
+declares how the per-process values combine. `registry` gives the registry
+``/metrics`` should expose in either mode.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+)
+from prometheus_client import (
+    generate_latest as _generate_latest,
+)
+
+__all__ = [
+    "CONFIG_RELOADS",
+    "INFLIGHT",
+    "REJECTED",
+    "REQUESTS",
+    "REQUEST_DURATION",
+    "ROUTE_WEIGHT",
+    "UPSTREAM_ERRORS",
+    "RouteMetrics",
+    "children",
+    "exposition",
+]
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+REQUESTS = Counter(
+    "strangler_requests_total",
+    "Requests answered, by route, backend and status class (2xx..5xx).",
+    ["route", "backend", "status_class"],
+)
+REQUEST_DURATION = Histogram(
+    "strangler_request_duration_seconds",
+    "Time from request start to the last response byte, by route and backend.",
+    ["route", "backend"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "strangler_upstream_errors_total",
+    "Failed upstream calls by backend and kind (connect, timeout, protocol).",
+    ["backend", "kind"],
+)
+REJECTED = Counter(
+    "strangler_rejected_requests_total",
+    "Requests the gateway answered itself without calling a backend, by reason.",
+    ["reason"],
+)
+CONFIG_RELOADS = Counter(
+    "strangler_config_reloads_total",
+    "Route-file reloads by result (ok, failed).",
+    ["result"],
+)
+ROUTE_WEIGHT = Gauge(
+    "strangler_route_weight",
+    "Current weight of each backend on each route (as configured).",
+    ["route", "backend"],
+    multiprocess_mode="livemostrecent",
+)
+INFLIGHT = Gauge(
+    "strangler_inflight_requests",
+    "Requests being proxied right now.",
+    multiprocess_mode="livesum",
+)
+CONFIG_GENERATION = Gauge(
+    "strangler_config_generation",
+    "Number of the route-file snapshot in use (1 at start, +1 per successful reload).",
+    multiprocess_mode="livemax",
+)
+
+
+@dataclass(slots=True)
+class RouteMetrics:
+    """Pre-resolved metric children for one (route, backend)."""
+
+    by_class: tuple[Counter, ...]  # index status // 100, 0 unused
+    duration: Histogram
+
+    def observe(self, status: int, seconds: float) -> None:
+        idx = status // 100
+        self.by_class[idx if 1 <= idx <= 5 else 5].inc()
+        self.duration.observe(seconds)
+
+
+_children: dict[tuple[str, str], RouteMetrics] = {}
+
+
+def children(route: str, backend: str) -> RouteMetrics:
+    """The cached metric children for (route, backend)."""
+    m = _children.get((route, backend))
+    if m is None:
+        classes = tuple(
+            REQUESTS.labels(route, backend, f"{i}xx") if i else REQUESTS.labels(route, backend, "5xx")
+            for i in range(6)
+        )
+        m = _children[(route, backend)] = RouteMetrics(
+            by_class=classes, duration=REQUEST_DURATION.labels(route, backend)
+        )
+    return m
+
+
+def set_weights(weights: dict[str, dict[str, int]]) -> None:
+    """Publish the configured weights; removes series of routes that are gone."""
+    ROUTE_WEIGHT.clear()
+    for route, per_backend in weights.items():
+        for backend, weight in per_backend.items():
+            ROUTE_WEIGHT.labels(route, backend).set(weight)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition() -> bytes:
+    """The text exposition for ``/metrics`` (aggregated across workers if needed)."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return _generate_latest(registry)
+    from prometheus_client import REGISTRY
+
+    return _generate_latest(REGISTRY)

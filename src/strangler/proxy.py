@@ -1,0 +1,447 @@
+"""The proxy port: a raw ASGI app, one request read top to bottom.
+
+`ProxyApp.handle` is the spine of the gateway::
+
+    read headers once: request id, limits, host, body framing
+    normalize the path                      (routing.normalize_path)
+    snapshot = runtime.current              (immutable; swapped on reload)
+    route = snapshot.table.match(...)       (first match in file order)
+    backend = route.choose(...)             (override → sticky bucket → weights)
+    call the backend                        (upstream pool; errors → 502/504)
+    stream the response back
+    record metrics and the access log
+
+Starlette's Request/Response objects cost about a third of the throughput
+here, so this module speaks ASGI directly. It never buffers a whole body:
+request bodies stream to the backend (small ones with a known length are
+read first, which is cheaper), response bodies stream to the client.
+
+Edge cases handled on purpose: a client that disconnects mid-download stops
+the upstream read (uvicorn's ``send`` silently drops writes after a
+disconnect, so a watcher task listens for ``http.disconnect``); an upstream
+that fails after the response started cannot change the status any more, so
+the connection is closed without completing the body and the client sees a
+truncated response rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from strangler import metrics, tasks
+from strangler.exceptions import UpstreamError
+from strangler.routing import BadPath, normalize_path
+from strangler.runtime import Runtime
+from strangler.upstream import build_request_headers
+
+__all__ = ["ProxyApp"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("strangler.access")
+
+HEALTH_PATH = b"/__strangler/healthz"
+_SMALL_BODY = 64 * 1024
+_VIA = (b"via", b"1.1 strangler")
+_JSON = (b"content-type", b"application/json")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def _valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= 200 and all(0x21 <= b <= 0x7E for b in value)
+
+
+def _hostname(host: bytes) -> str:
+    """``Example.COM:8080`` → ``example.com``; ``[::1]:80`` → ``[::1]``."""
+    h = host.decode("latin-1").lower()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[: end + 1] if end != -1 else h
+    colon = h.rfind(":")
+    return h[:colon] if colon != -1 else h
+
+
+async def _read_small_body(receive: Receive, length: int) -> bytes:
+    parts: list[bytes] = []
+    received = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = msg.get("body", b"")
+        if chunk:
+            received += len(chunk)
+            if received > length:
+                raise _BodyTooLarge()
+            parts.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(parts)
+
+
+class _StreamedBody:
+    """The request body as an async iterator, enforcing the size limit."""
+
+    __slots__ = ("receive", "limit", "too_large", "client_gone", "done")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.too_large = False
+        self.client_gone = False
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                self.client_gone = True
+                raise _ClientGone()
+            chunk = msg.get("body", b"")
+            if chunk:
+                received += len(chunk)
+                if received > self.limit:
+                    self.too_large = True
+                    raise _BodyTooLarge()
+                yield chunk
+            if not msg.get("more_body", False):
+                self.done = True
+                return
+
+
+async def _watch_disconnect(receive: Receive) -> None:
+    """Returns when the client disconnects (or the response completes)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+class ProxyApp:
+    """The ASGI callable for the proxy port."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.draining = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        # websockets are not proxied; returning closes them with 403
+
+    # --------------------------------------------------------------- the spine
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        if raw_path == HEALTH_PATH:
+            await self._health(send)
+            return
+
+        snap = self.runtime.current
+        method: str = scope["method"]
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+
+        # 1. Read the headers once: request id, limits, host, body framing.
+        request_id: str | None = None
+        host = b""
+        content_length: bytes | None = None
+        chunked = False
+        override: str | None = None
+        xff: bytes | None = None
+        header_bytes = 0
+        for name, value in headers:
+            header_bytes += len(name) + len(value) + 4
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"x-request-id":
+                if _valid_request_id(value):
+                    request_id = value.decode("ascii")
+            elif name == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif name == b"x-strangler-backend":
+                override = value.decode("latin-1")
+        if request_id is None:
+            request_id = _new_request_id()
+        if len(headers) > snap.max_header_count or header_bytes > snap.max_header_bytes:
+            await self._reject(send, 431, "headers_too_large", "request headers too large", request_id)
+            return
+        length = 0
+        if content_length is not None:
+            try:
+                length = int(content_length)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                await self._reject(send, 400, "bad_request", "invalid Content-Length", request_id)
+                return
+            if length > snap.max_body_bytes:
+                await self._reject(send, 413, "body_too_large", "request body too large", request_id)
+                return
+
+        # 2. Normalize the path.
+        try:
+            norm = normalize_path(raw_path)
+        except BadPath as exc:
+            await self._reject(send, 400, "bad_path", str(exc), request_id)
+            return
+        path = norm.path
+
+        # 3. Match a route on the snapshot this request started with.
+        route = snap.table.match(method, _hostname(host), path, headers)
+        if route is None:
+            await self._reject(
+                send, 404, "no_route", f"no route matches {method} {path}", request_id
+            )
+            return
+        if norm.encoded_slash and not route.allow_encoded_slash:
+            await self._reject(
+                send, 400, "bad_path", "encoded slash or backslash in path", request_id
+            )
+            return
+
+        # 4. Choose the backend.
+        peer = scope["client"][0] if scope.get("client") else None
+        client_ip = snap.forwarding.client_ip(peer, xff)
+        backend = route.choose(headers, client_ip, override)
+        pool = snap.pools[backend]
+
+        # 5. Call it.
+        query: bytes = scope.get("query_string", b"")
+        target = route.rewrite(path)
+        if query:
+            target = f"{target}?{query.decode('latin-1')}"
+        upstream_headers = build_request_headers(
+            headers,
+            host=host.decode("latin-1") if route.preserve_host and host else pool.host_header,
+            peer=peer,
+            scheme=scope.get("scheme", "http"),
+            request_id=request_id,
+            forwarding=snap.forwarding,
+        )
+        upstream_headers.append(("Via", "1.1 strangler"))
+        body: bytes | _StreamedBody | None = None
+        if chunked or length > _SMALL_BODY:
+            body = _StreamedBody(receive, snap.max_body_bytes)
+        elif content_length is not None:
+            try:
+                body = await _read_small_body(receive, length)
+            except _BodyTooLarge:
+                await self._reject(send, 400, "bad_request", "body longer than Content-Length", request_id)
+                return
+            except _ClientGone:
+                return
+
+        route_metrics = metrics.children(route.name, backend)
+        metrics.INFLIGHT.inc()
+        status = 502
+        try:
+            try:
+                resp = await pool.send(method, target, upstream_headers, body)
+            except UpstreamError as exc:
+                if isinstance(body, _StreamedBody) and body.too_large:
+                    status = 413
+                    await self._reject(send, 413, "body_too_large", "request body too large", request_id)
+                    return
+                if isinstance(body, _StreamedBody) and body.client_gone:
+                    status = 499
+                    return
+                status = exc.status
+                metrics.UPSTREAM_ERRORS.labels(backend, exc.kind).inc()
+                logger.warning(
+                    "upstream %s failed for %s %s [%s]: %s", backend, method, path, request_id, exc
+                )
+                await self._error(send, exc, request_id, route.name if snap.debug_headers else None)
+                return
+
+            # 6. Stream the response back.
+            status = resp.status
+            out_headers = resp.headers
+            out_headers.append((b"x-request-id", request_id.encode()))
+            out_headers.append(_VIA)
+            if snap.debug_headers:
+                out_headers.append((b"x-strangler-route", route.name.encode()))
+                out_headers.append((b"x-strangler-backend", backend.encode()))
+            status = await self._stream(resp, status, out_headers, method, receive, send, body)
+        finally:
+            metrics.INFLIGHT.dec()
+            elapsed = time.perf_counter() - started
+            route_metrics.observe(status, elapsed)
+            if snap.access_log:
+                self._log_access(scope, method, path, route.name, backend, status, elapsed, request_id)
+
+    async def _stream(
+        self,
+        resp: Any,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        method: str,
+        receive: Receive,
+        send: Send,
+        body: bytes | _StreamedBody | None,
+    ) -> int:
+        """Send the upstream response to the client; returns the status to record."""
+        watcher: asyncio.Task[None] | None = None
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if method == "HEAD" or status in (204, 304):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return status
+            chunk = await resp.read_chunk()
+            while True:
+                nxt = await resp.read_chunk() if chunk else b""
+                if not nxt:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return status
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watcher is None and (body is None or not isinstance(body, _StreamedBody) or body.done):
+                    # A long body: start listening for the client going away.
+                    watcher = tasks.spawn(_watch_disconnect(receive), name="disconnect-watcher")
+                elif watcher is not None and watcher.done():
+                    return 499
+                chunk = nxt
+        except UpstreamError as exc:
+            metrics.UPSTREAM_ERRORS.labels(exc.backend, exc.kind).inc()
+            logger.warning("upstream failed mid-response, closing the client connection: %s", exc)
+            return 502
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            # On an early return the body is unfinished and uvicorn closes the
+            # connection: the client sees a truncated response, never a
+            # complete-looking wrong one.
+            resp.release()
+
+    # ---------------------------------------------------------------- answers
+
+    async def _health(self, send: Send) -> None:
+        ok = self.runtime.ready and not self.draining
+        body = b'{"status":"ok"}' if ok else b'{"status":"unavailable"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200 if ok else 503,
+                "headers": [_JSON, (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _reject(
+        self, send: Send, status: int, reason: str, message: str, request_id: str
+    ) -> None:
+        metrics.REJECTED.labels(reason).inc()
+        await self._json(send, status, {"error": reason, "message": message, "request_id": request_id}, request_id)
+
+    async def _error(
+        self, send: Send, exc: UpstreamError, request_id: str, route: str | None
+    ) -> None:
+        reason = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
+        payload = {
+            "error": reason,
+            "message": f"backend {exc.backend!r}: {exc.kind} error",
+            "request_id": request_id,
+        }
+        extra = [(b"x-strangler-route", route.encode()), (b"x-strangler-backend", exc.backend.encode())] if route else []
+        await self._json(send, exc.status, payload, request_id, extra)
+
+    @staticmethod
+    async def _json(
+        send: Send,
+        status: int,
+        payload: dict[str, Any],
+        request_id: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = [
+            _JSON,
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        if extra:
+            headers.extend(extra)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _log_access(
+        self,
+        scope: Scope,
+        method: str,
+        path: str,
+        route: str,
+        backend: str,
+        status: int,
+        elapsed: float,
+        request_id: str,
+    ) -> None:
+        client = scope.get("client")
+        access_logger.info(
+            "%s %s %s %d %.1fms route=%s backend=%s id=%s",
+            client[0] if client else "-",
+            method,
+            path,
+            status,
+            elapsed * 1000,
+            route,
+            backend,
+            request_id,
+            extra={
+                "client": client[0] if client else None,
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+                "route": route,
+                "backend": backend,
+                "request_id": request_id,
+            },
+        )
+
+    # --------------------------------------------------------------- lifespan
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Only used when the app is served with ``lifespan="on"`` (tests,
+        embedding); `strangler serve` starts and stops the runtime itself."""
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    if not self.runtime.ready:
+                        await self.runtime.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.runtime.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

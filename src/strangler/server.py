@@ -1,0 +1,365 @@
+"""Running the gateway: one process, or a supervisor with N workers.
+
+One worker (the default): the proxy port and the admin port are two uvicorn
+servers in one uvloop event loop, sharing one `Runtime`.
+
+Several workers: the supervisor binds the proxy socket, sets up Prometheus
+multiprocess mode (a fresh ``PROMETHEUS_MULTIPROC_DIR``), spawns the workers
+(each a proxy server with its own runtime and pools on the shared socket),
+and serves the admin port itself, aggregating every worker's metrics. A
+worker that dies is marked dead for the metrics and replaced.
+
+Signals. SIGHUP reloads the route file (single-process uvicorn would exit on
+it). SIGTERM/SIGINT drain: stop accepting, let in-flight requests finish for
+up to ``drain_timeout``, exit 0. uvicorn's own signal capture re-raises the
+signal after shutdown (exit 143), so our `_Server` leaves signals to us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, replace
+from multiprocessing.context import SpawnProcess
+from typing import Any
+
+import uvicorn
+
+__all__ = ["ServeOptions", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """Resolved settings for `serve` (flags > environment > route file)."""
+
+    routes: str
+    host: str | None = None
+    port: int | None = None
+    admin_host: str | None = None
+    admin_port: int | None = None
+    workers: int = 1
+    redis_url: str | None = None
+    admin_token: str | None = None
+    drain_timeout: float | None = None
+    access_log: bool = False
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to us."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _uvicorn_config(app: Any, host: str, port: int, **kw: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        date_header=False,
+        ws="none",
+        proxy_headers=False,  # we resolve X-Forwarded-For ourselves (trusted_proxies)
+        **kw,
+    )
+
+
+def _resolve(opts: ServeOptions) -> tuple[ServeOptions, Any]:
+    """Fill unset options from the route file; raises ConfigError."""
+    from strangler import config
+
+    cfg = config.load(opts.routes)
+    s = cfg.server
+    return (
+        replace(
+            opts,
+            host=opts.host or s.host,
+            port=opts.port or s.port,
+            admin_host=opts.admin_host or s.admin_host,
+            admin_port=opts.admin_port or s.admin_port,
+            drain_timeout=s.drain_timeout if opts.drain_timeout is None else opts.drain_timeout,
+            redis_url=opts.redis_url or (cfg.redis.url if cfg.redis else None),
+        ),
+        cfg,
+    )
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        return asyncio.new_event_loop()
+
+
+def serve(opts: ServeOptions) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    if opts.workers > 1:
+        return _Supervisor(opts).run()
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(_serve_single(opts))
+
+
+async def _serve_single(opts: ServeOptions) -> int:
+    from strangler.admin import create_app
+    from strangler.proxy import ProxyApp
+    from strangler.runtime import Runtime
+
+    opts, cfg = _resolve(opts)
+    assert opts.port is not None and opts.admin_port is not None
+    runtime = Runtime(opts.routes, access_log=opts.access_log)
+    await runtime.start()
+    proxy = ProxyApp(runtime)
+    proxy_server = _Server(
+        _uvicorn_config(
+            proxy,
+            opts.host or "0.0.0.0",
+            opts.port,
+            timeout_keep_alive=int(cfg.server.keepalive_timeout),
+            timeout_graceful_shutdown=int(opts.drain_timeout or 0) or None,
+        )
+    )
+    admin_server = _Server(
+        _uvicorn_config(
+            create_app(runtime, token=opts.admin_token),
+            opts.admin_host or "127.0.0.1",
+            opts.admin_port,
+        )
+    )
+    loop = asyncio.get_running_loop()
+
+    def drain(signame: str) -> None:
+        if proxy_server.should_exit:
+            logger.warning("%s again: exiting now", signame)
+            proxy_server.force_exit = True
+            return
+        logger.info("%s: draining for up to %.0f s", signame, opts.drain_timeout or 0)
+        proxy.draining = True
+        proxy_server.should_exit = True
+
+    from strangler import tasks
+
+    loop.add_signal_handler(signal.SIGTERM, drain, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, drain, "SIGINT")
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: tasks.spawn(runtime.reload("SIGHUP"), name="sighup-reload")
+    )
+    logger.info(
+        "strangler serving %s on http://%s:%d (admin http://%s:%d)",
+        opts.routes, opts.host, opts.port, opts.admin_host, opts.admin_port,
+    )
+    admin_task = tasks.spawn(admin_server.serve(), name="admin-server")
+    try:
+        await proxy_server.serve()
+    finally:
+        admin_server.should_exit = True
+        await admin_task
+        await runtime.stop()
+        await tasks.cancel_all()
+    if proxy_server.started or proxy_server.should_exit:
+        logger.info("drained, exiting")
+        return 0
+    return 1
+
+
+# ------------------------------------------------------------------ workers
+
+
+def _worker_main(opts: ServeOptions, sock: socket.socket, index: int) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter)."""
+    from strangler import logs
+
+    logs.setup(opts.log_format, opts.log_level)
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        code = runner.run(_worker_serve(opts, sock, index))
+    os._exit(code)
+
+
+async def _worker_serve(opts: ServeOptions, sock: socket.socket, index: int) -> int:
+    from strangler import tasks
+    from strangler.proxy import ProxyApp
+    from strangler.runtime import Runtime
+
+    runtime = Runtime(opts.routes, access_log=opts.access_log)
+    await runtime.start()
+    proxy = ProxyApp(runtime)
+    cfg = runtime.current.config
+    server = _Server(
+        _uvicorn_config(
+            proxy,
+            opts.host or "0.0.0.0",
+            opts.port or 8080,
+            timeout_keep_alive=int(cfg.server.keepalive_timeout),
+            timeout_graceful_shutdown=int(opts.drain_timeout or 0) or None,
+        )
+    )
+    loop = asyncio.get_running_loop()
+
+    def drain() -> None:
+        proxy.draining = True
+        server.should_exit = True
+
+    loop.add_signal_handler(signal.SIGTERM, drain)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: tasks.spawn(runtime.reload("SIGHUP"), name="sighup-reload")
+    )
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await runtime.stop()
+        await tasks.cancel_all()
+    return 0
+
+
+class _Supervisor:
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.workers: dict[int, SpawnProcess] = {}
+        self.stopping = False
+        self._ctx = multiprocessing.get_context("spawn")
+        self._restarts: list[float] = []
+
+    def run(self) -> int:
+        mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        own_dir = mp_dir is None
+        if mp_dir is None:
+            mp_dir = tempfile.mkdtemp(prefix="strangler-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+        else:  # wipe values left by an earlier run
+            os.makedirs(mp_dir, exist_ok=True)
+            for name in os.listdir(mp_dir):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(mp_dir, name))
+        try:
+            with asyncio.Runner(loop_factory=_new_loop) as runner:
+                return runner.run(self._main())
+        finally:
+            if own_dir:
+                shutil.rmtree(mp_dir, ignore_errors=True)
+
+    def _spawn(self, index: int, sock: socket.socket) -> None:
+        proc = self._ctx.Process(
+            target=_worker_main, args=(self.opts, sock, index), name=f"strangler-worker-{index}"
+        )
+        proc.start()
+        self.workers[index] = proc
+        logger.info("worker %d started (pid %s)", index, proc.pid)
+
+    async def _main(self) -> int:
+        from strangler import tasks
+        from strangler.admin import create_app
+        from strangler.runtime import ReloadResult, Runtime
+
+        opts, cfg = _resolve(self.opts)
+        self.opts = opts
+        assert opts.port is not None and opts.admin_port is not None
+        runtime = Runtime(opts.routes, start_pools=False)
+        await runtime.start()
+        sock = _uvicorn_config(None, opts.host or "0.0.0.0", opts.port).bind_socket()
+        for i in range(opts.workers):
+            self._spawn(i, sock)
+
+        def signal_workers(sig: int) -> None:
+            for proc in self.workers.values():
+                if proc.pid is not None and proc.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, sig)
+
+        async def reload_all(reason: str) -> ReloadResult:
+            result = await runtime.reload(reason)
+            signal_workers(signal.SIGHUP)
+            return result
+
+        admin_server = _Server(
+            _uvicorn_config(
+                create_app(
+                    runtime,
+                    token=opts.admin_token,
+                    reload=reload_all,
+                    extra_status=lambda: {"workers": len(self.workers)},
+                ),
+                opts.admin_host or "127.0.0.1",
+                opts.admin_port,
+            )
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_stop(signame: str) -> None:
+            logger.info("%s: draining %d workers", signame, len(self.workers))
+            self.stopping = True
+            signal_workers(signal.SIGTERM)
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: tasks.spawn(reload_all("SIGHUP"), name="sighup-reload")
+        )
+        admin_task = tasks.spawn(admin_server.serve(), name="admin-server")
+        logger.info(
+            "strangler serving %s on http://%s:%d with %d workers (admin http://%s:%d)",
+            opts.routes, opts.host, opts.port, opts.workers, opts.admin_host, opts.admin_port,
+        )
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            self._reap(sock)
+
+        deadline = time.monotonic() + (opts.drain_timeout or 0) + 5
+        while any(p.is_alive() for p in self.workers.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for proc in self.workers.values():
+            if proc.is_alive():
+                logger.warning("worker pid %s did not drain in time; killing it", proc.pid)
+                proc.kill()
+            proc.join(1)
+            self._mark_dead(proc)
+        sock.close()
+        admin_server.should_exit = True
+        await admin_task
+        await runtime.stop()
+        await tasks.cancel_all()
+        return 0
+
+    def _mark_dead(self, proc: SpawnProcess) -> None:
+        from prometheus_client import multiprocess
+
+        if proc.pid is not None:
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+
+    def _reap(self, sock: socket.socket) -> None:
+        for index, proc in list(self.workers.items()):
+            if proc.is_alive() or self.stopping:
+                continue
+            logger.error("worker %d (pid %s) exited with %s; restarting", index, proc.pid, proc.exitcode)
+            self._mark_dead(proc)
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+            if len(self._restarts) > 10 * self.opts.workers:
+                logger.error("workers keep dying; giving up")
+                self.stopping = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            self._spawn(index, sock)
