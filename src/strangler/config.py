@@ -121,7 +121,9 @@ class Backend(_Model):
         if m is None:
             raise ValueError(f"invalid backend url {v!r}: expected http://host[:port][/base-path]")
         if m.group(1) != "http":
-            raise ValueError("only http:// backends are supported (terminate TLS at the load balancer)")
+            raise ValueError(
+                "only http:// backends are supported (terminate TLS at the load balancer)"
+            )
         if m.group(3) is not None and not 0 < int(m.group(3)) < 65536:
             raise ValueError(f"invalid port in {v!r}")
         return v.rstrip("/")
@@ -229,9 +231,9 @@ class Rewrite(_Model):
     def _exactly_one(self) -> Rewrite:
         if (self.strip_prefix is None) == (self.replace_prefix is None):
             raise ValueError("set exactly one of strip_prefix or replace_prefix")
-        for p in (self.strip_prefix, self.replace_prefix and self.replace_prefix.from_):
-            if p is not None and not p.startswith("/"):
-                raise ValueError("prefixes must start with '/'")
+        prefix = self.strip_prefix if self.replace_prefix is None else self.replace_prefix.from_
+        if prefix is not None and not prefix.startswith("/"):
+            raise ValueError("prefixes must start with '/'")
         return self
 
 
@@ -345,7 +347,7 @@ class _LineMap:
             self._walk(root, ())
 
     def _walk(self, node: yaml.Node, path: tuple[Any, ...]) -> None:
-        self._lines[path] = node.start_mark.line + 1
+        self._lines.setdefault(path, node.start_mark.line + 1)  # a key's own line wins
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key = key_node.value
@@ -422,7 +424,9 @@ def loads(text: str, filename: str = "<routes>") -> RouteFile:
     lines = _LineMap(text)
     errors = _Errors(filename, lines)
     if not isinstance(data, dict):
-        raise ConfigError([f"{filename}: the route file must be a mapping with backends and routes"])
+        raise ConfigError(
+            [f"{filename}: the route file must be a mapping with backends and routes"]
+        )
 
     unknown = set(data) - set(RouteFile.model_fields)
     for key in sorted(unknown, key=str):
@@ -469,12 +473,15 @@ def loads(text: str, filename: str = "<routes>") -> RouteFile:
         if isinstance(rname, str):
             if rname in seen:
                 errors.add(
-                    ("routes", i, "name"), owner, "name",
+                    ("routes", i, "name"),
+                    owner,
+                    "name",
                     f"duplicate route name (first used by route #{seen[rname] + 1})",
                 )
             else:
                 seen[rname] = i
-        raw_list = raw.get("backends") if isinstance(raw.get("backends"), list) else []
+        raw_backend_list = raw.get("backends")
+        raw_list: list[Any] = raw_backend_list if isinstance(raw_backend_list, list) else []
         names: list[str] = []
         for j, wb in enumerate(raw_list):
             bname = wb.get("name") if isinstance(wb, dict) else None
@@ -482,25 +489,28 @@ def loads(text: str, filename: str = "<routes>") -> RouteFile:
                 names.append(bname)
                 if bname not in backend_names and backend_names:
                     errors.add(
-                        ("routes", i, "backends", j, "name"), owner, f"backends.{j}.name",
+                        ("routes", i, "backends", j, "name"),
+                        owner,
+                        f"backends.{j}.name",
                         f"unknown backend {bname!r} (known: {', '.join(sorted(backend_names))})",
                     )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             errors.add(
-                ("routes", i, "backends"), owner, "backends",
+                ("routes", i, "backends"),
+                owner,
+                "backends",
                 f"backend listed twice: {', '.join(dupes)}",
             )
         weights = [wb.get("weight") for wb in raw_list if isinstance(wb, dict)]
         if raw_list and all(isinstance(w, int) and not isinstance(w, bool) for w in weights):
             if sum(weights) <= 0:  # type: ignore[arg-type]
                 errors.add(("routes", i, "backends"), owner, "backends", "weights sum to 0")
-        if route is not None:
-            if route.fallback is not None and backend_names and route.fallback not in backend_names:
-                errors.add(
-                    ("routes", i, "fallback"), owner, "fallback",
-                    f"unknown backend {route.fallback!r}",
-                )
+        fallback = raw.get("fallback")
+        if isinstance(fallback, str) and backend_names and fallback not in backend_names:
+            errors.add(
+                ("routes", i, "fallback"), owner, "fallback", f"unknown backend {fallback!r}"
+            )
     if server is not None and server.port == server.admin_port:
         errors.add(("server", "admin_port"), "server", "admin_port", "must differ from port")
 

@@ -1,0 +1,141 @@
+"""Running a real gateway process from tests.
+
+`GatewayProcess` writes a route file, starts ``strangler serve`` on free
+ports on 127.0.0.1 and waits for ``/__strangler/healthz``. Route files are
+given as plain dicts; ``server.port`` and ``server.admin_port`` are filled in.
+`write_routes` replaces the file atomically (write, then rename), the way
+editors and config-management tools do, so a poll never sees half a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from legacy_stub.testing import free_port, wait_http
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def route_file(
+    backends: dict[str, str],
+    routes: list[dict[str, Any]],
+    **server: Any,
+) -> dict[str, Any]:
+    """A route-file dict: ``backends`` maps name → URL."""
+    return {
+        "server": {"debug_headers": True, **server},
+        "backends": {name: {"url": url} for name, url in backends.items()},
+        "routes": routes,
+    }
+
+
+class GatewayProcess:
+    def __init__(
+        self,
+        directory: Path,
+        routes: dict[str, Any],
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        self.path = directory / "routes.yaml"
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.workers = workers
+        self.env = {**os.environ, "STRANGLER_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}
+        self.env.setdefault("STRANGLER_LOG_FORMAT", "text")
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write_routes(routes)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def write_routes(self, routes: dict[str, Any] | str) -> None:
+        if isinstance(routes, dict):
+            routes = copy.deepcopy(routes)
+            server = routes.setdefault("server", {})
+            server["port"] = self.port
+            server["admin_port"] = self.admin_port
+            server.setdefault("reload_interval", 0.2)
+            text = yaml.safe_dump(routes, sort_keys=False)
+        else:
+            text = routes
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+
+    def start(self, timeout: float = 15) -> GatewayProcess:
+        cmd = [
+            sys.executable, "-m", "strangler.cli", "serve",
+            "--routes", str(self.path),
+            "--workers", str(self.workers),
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(cmd, env=self.env)
+        try:
+            wait_http(self.url + "/__strangler/healthz", timeout, proc=self.proc)
+            wait_http(self.admin_url + "/healthz", timeout, proc=self.proc)
+        except BaseException:
+            self.stop(timeout=2)
+            raise
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return int(proc.returncode)
+
+    def metrics(self) -> str:
+        return httpx.get(self.admin_url + "/metrics", timeout=5).text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            series, _, value = line.rpartition(" ")
+            metric_name, _, label_text = series.partition("{")
+            if metric_name != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def wait_generation(self, generation: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = httpx.get(self.admin_url + "/api/routes", timeout=5).json()
+            if data["generation"] >= generation:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"generation {generation} not reached")
