@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from gateway import GatewayProcess
+
 from legacy_stub.testing import free_port, start_stub, stop_stub, stub_url
 
 

@@ -44,7 +44,9 @@ def _authorized(request: Request, token: str | None) -> Response | None:
         )
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
         return JSONResponse(
             {"error": "unauthorized", "message": "a valid bearer token is required"},
             status_code=401,
@@ -79,9 +81,7 @@ def create_app(
         return JSONResponse(detail, status_code=200 if runtime.ready else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(
-            metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def routes(request: Request) -> Response:
         if not runtime.ready:

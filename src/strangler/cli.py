@@ -152,7 +152,10 @@ def _cmd_reload(args: argparse.Namespace) -> int:
         return 1
     if resp.status_code == 200:
         data = resp.json()
-        print(f"reloaded: generation {data['generation']}" + ("" if data["changed"] else " (unchanged)"))
+        print(
+            f"reloaded: generation {data['generation']}"
+            + ("" if data["changed"] else " (unchanged)")
+        )
         return 0
     try:
         data = resp.json()

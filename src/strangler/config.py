@@ -466,7 +466,7 @@ def loads(text: str, filename: str = "<routes>") -> RouteFile:
 
     # 2. Cross-references over whatever parsed.
     seen: dict[str, int] = {}
-    for i, route in enumerate(routes):
+    for i in range(len(routes)):
         raw = raw_routes[i] if isinstance(raw_routes[i], dict) else {}
         rname = raw.get("name")
         owner = f"route {rname!r}" if isinstance(rname, str) else f"route #{i + 1}"

@@ -95,14 +95,7 @@ class _Unexpected(Exception):
 
 
 class _Stale(Exception):
-    """A reused connection failed before any response byte (keep-alive race).
-
-    ``written`` says whether any request byte was handed to the transport.
-    """
-
-    def __init__(self, written: bool) -> None:
-        super().__init__()
-        self.written = written
+    """A reused connection failed before any response byte (keep-alive race)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -322,6 +315,7 @@ class _Connection(asyncio.Protocol):
         self._head_tail = b""
         self._status = 0
         self._reason = b""
+        self._headers = []
         self._got_data = False
         self._head_done = False
         self._complete = False
@@ -339,11 +333,13 @@ class _Connection(asyncio.Protocol):
     async def _wait(self) -> None:
         """Wait for the next transport event, at most ``read_timeout``.
 
-        On expiry ``_timed_out`` is set; the caller checks it.
+        On expiry ``_timed_out`` is set (it is cleared when a wait starts);
+        the caller checks it after it has looked at what arrived.
         """
         loop = self._loop
         w: asyncio.Future[None] = loop.create_future()
         self._waiter = w
+        self._timed_out = False
         self._deadline = loop.time() + self._read_timeout
         if self._timer is None:
             self._timer = loop.call_at(self._deadline, self._on_timer)
@@ -462,13 +458,13 @@ class H1Response:
                         backend=self._pool._name,
                         sent=True,
                     )
-                await conn._wait()
                 if conn._timed_out:
                     raise UpstreamTimeout(
                         f"no response body data for {conn._read_timeout}s",
                         backend=self._pool._name,
                         sent=True,
                     )
+                await conn._wait()
         except BaseException:
             self._discard()
             raise
@@ -537,6 +533,9 @@ class H1Pool:
     sent again (``bytes`` or ``None``); this happens whatever the method,
     because an upstream that closes an idle connection has not processed a
     request that arrives on it.
+
+    Create the pool inside the event loop that will use it (for example in
+    the ASGI lifespan startup): its connections belong to that loop.
     """
 
     __slots__ = (
@@ -655,19 +654,20 @@ class H1Pool:
         conn = await self._acquire()
         try:
             return await self._exchange(conn, data, payload, stream, declared, is_head)
-        except _Stale as stale:
-            written = stale.written
+        except _Stale:
+            pass
         # The upstream closed a reused connection just as the request went out
-        # on it. The failed connection's slot was kept for this one retry.
+        # on it: retry once, on a new connection. Failing that, the first
+        # attempt's bytes may have arrived, hence sent=True from here on.
         logger.debug("upstream %s closed a kept-alive connection; retrying once", self._name)
         try:
-            conn = await self._connect()
+            conn = await self._acquire(fresh=True)
         except UpstreamError as exc:
-            exc.sent = written
+            exc.sent = True
             raise
         try:
             return await self._exchange(conn, data, payload, stream, declared, is_head)
-        except _Stale as exc:  # pragma: no cover - a fresh connection is never stale
+        except _Stale as exc:  # pragma: no cover - a new connection is never stale
             raise UpstreamProtocolError(
                 "connection closed before the response", backend=self._name, sent=True
             ) from exc
@@ -766,17 +766,20 @@ class H1Pool:
     ) -> H1Response:
         """Write the request on ``conn`` and wait for the response head.
 
-        Raises ``_Stale`` (keeping the connection's pool slot for the retry)
-        when a reused connection failed before any response byte and the
-        request can be sent again; any other failure closes the connection.
+        Raises ``_Stale`` when a reused connection failed before any response
+        byte and the request can be sent again. Any failure closes the
+        connection.
         """
         reused = conn._reused
         tr = conn._transport
         written = False
         name = self._name
         try:
-            if conn._closed or tr is None or tr.is_closing():
-                raise _Stale(written=False)
+            if conn._closed or tr is None or tr.is_closing():  # pragma: no cover
+                # _acquire checked this and nothing was awaited since.
+                raise UpstreamProtocolError(
+                    "connection closed before the request was sent", backend=name, sent=False
+                )
             conn._start(is_head)
             written = True
             try:
@@ -795,7 +798,7 @@ class H1Pool:
                         raise UpstreamProtocolError(conn._error, backend=name, sent=True)
                     if reused and not conn._got_data:
                         if stream is None:
-                            raise _Stale(written=True)
+                            raise _Stale
                         raise UpstreamProtocolError(
                             "kept-alive connection closed before the response; "
                             "a streamed body cannot be sent again",
@@ -805,16 +808,12 @@ class H1Pool:
                     raise UpstreamProtocolError(
                         "connection closed before the response", backend=name, sent=True
                     )
-                await conn._wait()
-                if conn._timed_out and not conn._head_done:
+                if conn._timed_out:
                     raise UpstreamTimeout(
                         f"no response within {conn._read_timeout}s", backend=name, sent=True
                     )
+                await conn._wait()
             return H1Response(conn._status, conn._reason, conn._resp_headers, conn, self)
-        except _Stale:
-            conn._holds_slot = False  # keep the slot for the retry
-            conn._close(abort=True)
-            raise
         except BaseException as exc:
             conn._close(abort=True)
             if isinstance(exc, UpstreamError) or not isinstance(exc, Exception):
@@ -877,13 +876,13 @@ class H1Pool:
                         backend=name,
                         sent=True,
                     )
-                await conn._wait()
                 if conn._timed_out:
                     raise UpstreamTimeout(
                         f"upstream accepted no request body data for {conn._read_timeout}s",
                         backend=name,
                         sent=True,
                     )
+                await conn._wait()
         if conn._head_done:
             conn._reusable = False
             return
@@ -899,11 +898,16 @@ class H1Pool:
 
     # -- connection management -----------------------------------------------
 
-    async def _acquire(self) -> _Connection:
-        """Return a connection holding a pool slot: idle, handed over or new."""
+    async def _acquire(self, fresh: bool = False) -> _Connection:
+        """Return a connection holding a pool slot: idle, handed over or new.
+
+        ``fresh`` (the keep-alive race retry) asks for a new connection: idle
+        ones are skipped, and when the pool is full the oldest idle one, or
+        one handed over by a finished request, is closed to take its slot.
+        """
         idle = self._idle
         while True:
-            if idle:
+            if idle and not fresh:
                 limit = self._loop.time() - self._keepalive_timeout
                 while idle:
                     conn = idle.pop()
@@ -916,13 +920,23 @@ class H1Pool:
             if self._open < self._max:
                 self._open += 1
                 return await self._connect()
+            if fresh and idle:
+                old = idle.popleft()
+                old._in_pool = False
+                old._holds_slot = False  # its slot passes to the new connection
+                old._close()
+                return await self._connect()
             got = await self._wait_for_slot()
             if got is None:
                 return await self._connect()
             tr = got._transport
-            if not got._closed and tr is not None and not tr.is_closing():
+            if not fresh and not got._closed and tr is not None and not tr.is_closing():
                 return got
-            got._close()
+            if got._holds_slot:
+                got._holds_slot = False  # take over its slot
+                got._close()
+                return await self._connect()
+            got._close()  # closed meanwhile; its slot went to someone else
 
     async def _wait_for_slot(self) -> _Connection | None:
         """Wait (FIFO, at most ``connect_timeout``) for a connection or a slot.
@@ -1018,7 +1032,7 @@ class H1Pool:
         idle.append(conn)
         # Cheap sweep: the oldest idle connection is at the left end.
         limit = now - self._keepalive_timeout
-        while idle[0]._idle_since < limit:
+        while idle and idle[0]._idle_since < limit:
             old = idle.popleft()
             old._in_pool = False
             old._close()

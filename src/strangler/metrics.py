@@ -40,7 +40,21 @@ __all__ = [
 ]
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 REQUESTS = Counter(
@@ -108,7 +122,9 @@ def children(route: str, backend: str) -> RouteMetrics:
     m = _children.get((route, backend))
     if m is None:
         classes = tuple(
-            REQUESTS.labels(route, backend, f"{i}xx") if i else REQUESTS.labels(route, backend, "5xx")
+            REQUESTS.labels(route, backend, f"{i}xx")
+            if i
+            else REQUESTS.labels(route, backend, "5xx")
             for i in range(6)
         )
         m = _children[(route, backend)] = RouteMetrics(

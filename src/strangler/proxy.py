@@ -192,7 +192,9 @@ class ProxyApp:
         if request_id is None:
             request_id = _new_request_id()
         if len(headers) > snap.max_header_count or header_bytes > snap.max_header_bytes:
-            await self._reject(send, 431, "headers_too_large", "request headers too large", request_id)
+            await self._reject(
+                send, 431, "headers_too_large", "request headers too large", request_id
+            )
             return
         length = 0
         if content_length is not None:
@@ -204,7 +206,9 @@ class ProxyApp:
                 await self._reject(send, 400, "bad_request", "invalid Content-Length", request_id)
                 return
             if length > snap.max_body_bytes:
-                await self._reject(send, 413, "body_too_large", "request body too large", request_id)
+                await self._reject(
+                    send, 413, "body_too_large", "request body too large", request_id
+                )
                 return
 
         # 2. Normalize the path.
@@ -255,7 +259,9 @@ class ProxyApp:
             try:
                 body = await _read_small_body(receive, length)
             except _BodyTooLarge:
-                await self._reject(send, 400, "bad_request", "body longer than Content-Length", request_id)
+                await self._reject(
+                    send, 400, "bad_request", "body longer than Content-Length", request_id
+                )
                 return
             except _ClientGone:
                 return
@@ -269,7 +275,9 @@ class ProxyApp:
             except UpstreamError as exc:
                 if isinstance(body, _StreamedBody) and body.too_large:
                     status = 413
-                    await self._reject(send, 413, "body_too_large", "request body too large", request_id)
+                    await self._reject(
+                        send, 413, "body_too_large", "request body too large", request_id
+                    )
                     return
                 if isinstance(body, _StreamedBody) and body.client_gone:
                     status = 499
@@ -296,7 +304,9 @@ class ProxyApp:
             elapsed = time.perf_counter() - started
             route_metrics.observe(status, elapsed)
             if snap.access_log:
-                self._log_access(scope, method, path, route.name, backend, status, elapsed, request_id)
+                self._log_access(
+                    scope, method, path, route.name, backend, status, elapsed, request_id
+                )
 
     async def _stream(
         self,
@@ -322,7 +332,9 @@ class ProxyApp:
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return status
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if watcher is None and (body is None or not isinstance(body, _StreamedBody) or body.done):
+                if watcher is None and (
+                    body is None or not isinstance(body, _StreamedBody) or body.done
+                ):
                     # A long body: start listening for the client going away.
                     watcher = tasks.spawn(_watch_disconnect(receive), name="disconnect-watcher")
                 elif watcher is not None and watcher.done():
@@ -349,7 +361,11 @@ class ProxyApp:
             {
                 "type": "http.response.start",
                 "status": 200 if ok else 503,
-                "headers": [_JSON, (b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")],
+                "headers": [
+                    _JSON,
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -358,7 +374,12 @@ class ProxyApp:
         self, send: Send, status: int, reason: str, message: str, request_id: str
     ) -> None:
         metrics.REJECTED.labels(reason).inc()
-        await self._json(send, status, {"error": reason, "message": message, "request_id": request_id}, request_id)
+        await self._json(
+            send,
+            status,
+            {"error": reason, "message": message, "request_id": request_id},
+            request_id,
+        )
 
     async def _error(
         self, send: Send, exc: UpstreamError, request_id: str, route: str | None
@@ -369,7 +390,11 @@ class ProxyApp:
             "message": f"backend {exc.backend!r}: {exc.kind} error",
             "request_id": request_id,
         }
-        extra = [(b"x-strangler-route", route.encode()), (b"x-strangler-backend", exc.backend.encode())] if route else []
+        extra = (
+            [(b"x-strangler-route", route.encode()), (b"x-strangler-backend", exc.backend.encode())]
+            if route
+            else []
+        )
         await self._json(send, exc.status, payload, request_id, extra)
 
     @staticmethod

@@ -44,7 +44,9 @@ BUCKETS = 10_000
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Bytes allowed literally in a normalized path (RFC 3986 pchar + '/'), '%' for escapes.
-_PATH_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%")
+_PATH_SAFE = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%"
+)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -238,8 +240,10 @@ class CompiledRoute:
         override: str | None = None,
     ) -> str:
         """Override header → sticky bucket → random bucket."""
-        if override is not None and self.allow_override and (
-            override in self.backends or override == self.fallback
+        if (
+            override is not None
+            and self.allow_override
+            and (override in self.backends or override == self.fallback)
         ):
             return override
         if len(self.backends) == 1:

@@ -242,9 +242,7 @@ class Runtime:
         self._current = snap
         self.last_reload_ok_at = snap.loaded_at
         metrics.CONFIG_GENERATION.set(snap.generation)
-        metrics.set_weights(
-            {r.name: {b.name: b.weight for b in r.backends} for r in cfg.routes}
-        )
+        metrics.set_weights({r.name: {b.name: b.weight for b in r.backends} for r in cfg.routes})
         for name, pool in old_pools.items():
             if pools.get(name) is not pool:
                 pool.retire()

@@ -107,7 +107,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
 
-        return uvloop.new_event_loop()  # type: ignore[no-any-return]
+        return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         return asyncio.new_event_loop()
 
@@ -166,7 +166,11 @@ async def _serve_single(opts: ServeOptions) -> int:
     )
     logger.info(
         "strangler serving %s on http://%s:%d (admin http://%s:%d)",
-        opts.routes, opts.host, opts.port, opts.admin_host, opts.admin_port,
+        opts.routes,
+        opts.host,
+        opts.port,
+        opts.admin_host,
+        opts.admin_port,
     )
     admin_task = tasks.spawn(admin_server.serve(), name="admin-server")
     try:
@@ -320,7 +324,12 @@ class _Supervisor:
         admin_task = tasks.spawn(admin_server.serve(), name="admin-server")
         logger.info(
             "strangler serving %s on http://%s:%d with %d workers (admin http://%s:%d)",
-            opts.routes, opts.host, opts.port, opts.workers, opts.admin_host, opts.admin_port,
+            opts.routes,
+            opts.host,
+            opts.port,
+            opts.workers,
+            opts.admin_host,
+            opts.admin_port,
         )
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -353,7 +362,9 @@ class _Supervisor:
         for index, proc in list(self.workers.items()):
             if proc.is_alive() or self.stopping:
                 continue
-            logger.error("worker %d (pid %s) exited with %s; restarting", index, proc.pid, proc.exitcode)
+            logger.error(
+                "worker %d (pid %s) exited with %s; restarting", index, proc.pid, proc.exitcode
+            )
             self._mark_dead(proc)
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < 60] + [now]

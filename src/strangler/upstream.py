@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -141,7 +141,11 @@ def build_request_headers(
         if name in _REQUEST_DROP or name in conn:
             if trusted:
                 if name == b"x-forwarded-for":
-                    xff = value.decode("latin-1") if xff is None else f"{xff}, {value.decode('latin-1')}"
+                    xff = (
+                        value.decode("latin-1")
+                        if xff is None
+                        else f"{xff}, {value.decode('latin-1')}"
+                    )
                 elif name == b"x-forwarded-proto":
                     xfp = value.decode("latin-1")
                 elif name == b"x-forwarded-host":
@@ -199,7 +203,7 @@ class Pool(Protocol):
         method: str,
         target: str,
         headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | bytes | None,
+        body: AsyncIterable[bytes] | bytes | None,
     ) -> UpstreamResponse: ...
 
     async def close(self) -> None: ...
@@ -245,7 +249,9 @@ def _map_error(exc: BaseException, backend: str, *, sent: bool) -> UpstreamError
         return UpstreamTimeout(f"read timeout from {backend}", backend=backend, sent=sent)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamProtocolError(f"{backend} closed the connection", backend=backend, sent=sent)
-    return UpstreamProtocolError(f"{backend}: {type(exc).__name__}: {exc}", backend=backend, sent=sent)
+    return UpstreamProtocolError(
+        f"{backend}: {type(exc).__name__}: {exc}", backend=backend, sent=sent
+    )
 
 
 class _BodyTracker:
@@ -253,7 +259,7 @@ class _BodyTracker:
 
     __slots__ = ("source", "started")
 
-    def __init__(self, source: AsyncIterator[bytes]) -> None:
+    def __init__(self, source: AsyncIterable[bytes]) -> None:
         self.source = source
         self.started = False
 
@@ -302,8 +308,18 @@ class UpstreamPool:
         )
 
     def same_settings(self, other: UpstreamPool) -> bool:
-        return (self.url, self.connect_timeout, self.read_timeout, self.pool_size, self.keepalive) == (
-            other.url, other.connect_timeout, other.read_timeout, other.pool_size, other.keepalive
+        return (
+            self.url,
+            self.connect_timeout,
+            self.read_timeout,
+            self.pool_size,
+            self.keepalive,
+        ) == (
+            other.url,
+            other.connect_timeout,
+            other.read_timeout,
+            other.pool_size,
+            other.keepalive,
         )
 
     async def start(self) -> None:
@@ -335,7 +351,7 @@ class UpstreamPool:
         method: str,
         target: str,
         headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | bytes | None,
+        body: AsyncIterable[bytes] | bytes | None,
     ) -> UpstreamResponse:
         session = self._session
         if session is None:
@@ -360,7 +376,9 @@ class UpstreamPool:
             sent = tracker.started if tracker is not None else True
             if isinstance(body, bytes) or body is None:
                 # Without a streamed body we cannot tell whether the head went out; be safe.
-                sent = not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+                sent = not isinstance(
+                    exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+                )
             raise _map_error(exc, self.name, sent=sent) from exc
         return _AiohttpResponse(resp, self.name, self)
 
