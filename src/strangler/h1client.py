@@ -37,6 +37,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -92,6 +93,9 @@ class _HeadComplete(Exception):
 
 class _Unexpected(Exception):
     """A message the pool did not ask for: a second response, or 101."""
+
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class _Stale(Exception):
@@ -186,8 +190,8 @@ class _Connection(asyncio.Protocol):
     # -- transport callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -307,7 +311,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         self._state = _DONE
 
-    # -- exchange helpers (called from the task driving the exchange) --------
+    # -- exchange steps (called from the task driving the exchange) ----------
 
     def _start(self, is_head: bool) -> None:
         self._state = _AWAIT
@@ -449,6 +453,10 @@ class H1Response:
                         assert conn._transport is not None
                         conn._transport.resume_reading()
                     yield data
+                    if self._conn is not conn:
+                        # Released while suspended: the connection may already
+                        # carry another request, whose bytes must not leak here.
+                        raise RuntimeError("the response was released while its body was read")
                     continue
                 if conn._complete:
                     break
@@ -529,10 +537,10 @@ class H1Pool:
     keep-alive race: the upstream closing an idle connection just as a request
     goes out on it. That race is handled by one transparent retry on a new
     connection when the request is known not to have been answered (the
-    reused connection failed before any response byte) and its body can be
-    sent again (``bytes`` or ``None``); this happens whatever the method,
-    because an upstream that closes an idle connection has not processed a
-    request that arrives on it.
+    reused connection failed before any response byte), its body can be sent
+    again (``bytes`` or ``None``) and its method is idempotent (RFC 9112
+    §9.3.1): an upstream that crashed after reading a POST looks the same as
+    one that closed an idle connection, and a POST must never be sent twice.
 
     Create the pool inside the event loop that will use it (for example in
     the ASGI lifespan startup): its connections belong to that loop.
@@ -640,20 +648,23 @@ class H1Pool:
         declared ``Content-Length`` if ``headers`` has one (more or fewer bytes
         than declared raise ``UpstreamProtocolError``), chunked otherwise.
 
-        If the upstream answers before a streamed body is fully sent (say a
-        413), sending stops, the response is returned, and the connection is
-        closed on release. ``ValueError`` is raised for a CR, LF or space in
-        the target, CR or LF in a header, or an invalid method or declared
-        length: they could otherwise smuggle a second request upstream.
-        Cancelling the calling task closes the connection and re-raises.
+        If the upstream answers with an error before a streamed body is fully
+        sent (say a 413), sending stops, the response is returned, and the
+        connection is closed on release.
+
+        ``ValueError`` is raised for a CR, LF or space in the target, CR or LF
+        in a header, or an invalid method or declared length: they could
+        otherwise smuggle a second request upstream. Cancelling the calling
+        task closes the connection and re-raises.
         """
         if self._closed:
             raise UpstreamConnectError("connection pool is closed", backend=self._name)
         data, payload, stream, declared = self._encode(method, target, headers, body)
         is_head = method == "HEAD"
+        retryable = stream is None and method in _IDEMPOTENT
         conn = await self._acquire()
         try:
-            return await self._exchange(conn, data, payload, stream, declared, is_head)
+            return await self._exchange(conn, data, payload, stream, declared, is_head, retryable)
         except _Stale:
             pass
         # The upstream closed a reused connection just as the request went out
@@ -666,7 +677,7 @@ class H1Pool:
             exc.sent = True
             raise
         try:
-            return await self._exchange(conn, data, payload, stream, declared, is_head)
+            return await self._exchange(conn, data, payload, stream, declared, is_head, False)
         except _Stale as exc:  # pragma: no cover - a new connection is never stale
             raise UpstreamProtocolError(
                 "connection closed before the response", backend=self._name, sent=True
@@ -763,6 +774,7 @@ class H1Pool:
         stream: AsyncIterator[bytes] | None,
         declared: int,
         is_head: bool,
+        retryable: bool,
     ) -> H1Response:
         """Write the request on ``conn`` and wait for the response head.
 
@@ -797,11 +809,11 @@ class H1Pool:
                     if conn._error is not None:
                         raise UpstreamProtocolError(conn._error, backend=name, sent=True)
                     if reused and not conn._got_data:
-                        if stream is None:
+                        if retryable:
                             raise _Stale
                         raise UpstreamProtocolError(
                             "kept-alive connection closed before the response; "
-                            "a streamed body cannot be sent again",
+                            "not resent (streamed body or non-idempotent method)",
                             backend=name,
                             sent=True,
                         )
@@ -816,7 +828,7 @@ class H1Pool:
             return H1Response(conn._status, conn._reason, conn._resp_headers, conn, self)
         except BaseException as exc:
             conn._close(abort=True)
-            if isinstance(exc, UpstreamError) or not isinstance(exc, Exception):
+            if isinstance(exc, UpstreamError | _Stale) or not isinstance(exc, Exception):
                 raise  # ours, or CancelledError / KeyboardInterrupt
             if stream is not None:
                 raise  # from the caller's body iterator: theirs to handle
@@ -834,14 +846,17 @@ class H1Pool:
         """Stream the request body, waiting whenever the transport is full.
 
         Empty chunks are skipped (an empty chunk would end a chunked body).
-        A final response that arrives first stops the upload; the connection
-        is then not reusable.
+        An error response (>= 400) that arrives first, or any response
+        followed by a close, stops the upload (RFC 9112 §9.5: the upstream
+        does not want the rest) and the connection is then not reusable; a
+        non-error early response does not, since some upstreams answer while
+        still reading.
         """
         name = self._name
         chunked = declared < 0
         sent = 0
         async for chunk in stream:
-            if conn._head_done:
+            if conn._head_done and (conn._status >= 400 or conn._closed):
                 conn._reusable = False
                 return
             if not chunk:
@@ -869,7 +884,10 @@ class H1Pool:
                 raise UpstreamProtocolError(
                     f"writing the request body failed: {exc!r}", backend=name, sent=True
                 ) from None
-            while conn._write_paused and not conn._head_done:
+            while conn._write_paused:
+                if conn._head_done and (conn._status >= 400 or conn._closed):
+                    conn._reusable = False
+                    return
                 if conn._closed:
                     raise UpstreamProtocolError(
                         conn._error or "connection closed while sending the request body",
@@ -883,12 +901,17 @@ class H1Pool:
                         sent=True,
                     )
                 await conn._wait()
-        if conn._head_done:
-            conn._reusable = False
-            return
+        if conn._closed:
+            if conn._head_done:
+                conn._reusable = False
+                return
+            raise UpstreamProtocolError(
+                conn._error or "connection closed while sending the request body",
+                backend=name,
+                sent=True,
+            )
         if chunked:
-            if not conn._closed:
-                tr.write(_LAST_CHUNK)
+            tr.write(_LAST_CHUNK)
         elif sent != declared:
             raise UpstreamProtocolError(
                 f"request body shorter ({sent}) than its Content-Length {declared}",
