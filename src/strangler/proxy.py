@@ -325,21 +325,21 @@ class ProxyApp:
             if method == "HEAD" or status in (204, 304):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return status
-            chunk = await resp.read_chunk()
             while True:
-                nxt = await resp.read_chunk() if chunk else b""
-                if not nxt:
+                # Each chunk goes out as soon as it arrives (never held back
+                # for the next one: streamed responses such as server-sent
+                # events must not lag); the last is marked without an extra read.
+                chunk = await resp.read_chunk()
+                if not chunk or resp.at_eof():
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return status
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if watcher is None and (
-                    body is None or not isinstance(body, _StreamedBody) or body.done
-                ):
-                    # A long body: start listening for the client going away.
-                    watcher = tasks.spawn(_watch_disconnect(receive), name="disconnect-watcher")
-                elif watcher is not None and watcher.done():
+                if watcher is None:
+                    if not isinstance(body, _StreamedBody) or body.done:
+                        # A long body: start listening for the client going away.
+                        watcher = tasks.spawn(_watch_disconnect(receive), name="disconnect-watcher")
+                elif watcher.done():
                     return 499
-                chunk = nxt
         except UpstreamError as exc:
             metrics.UPSTREAM_ERRORS.labels(exc.backend, exc.kind).inc()
             logger.warning("upstream failed mid-response, closing the client connection: %s", exc)

@@ -186,6 +186,10 @@ class UpstreamResponse(Protocol):
         """The next body chunk; ``b""`` at the end."""
         ...
 
+    def at_eof(self) -> bool:
+        """Whether the whole body has been read (the last chunk needs no extra read)."""
+        ...
+
     def release(self) -> None:
         """Return the connection to the pool (or close it if the body is not done)."""
         ...
@@ -227,6 +231,9 @@ class _AiohttpResponse:
         except Exception as exc:
             raise _map_error(exc, self._backend, sent=True) from exc
 
+    def at_eof(self) -> bool:
+        return self._resp.content.at_eof()
+
     def release(self) -> None:
         resp, self._resp = self._resp, None  # type: ignore[assignment]
         if resp is None:
@@ -255,7 +262,11 @@ def _map_error(exc: BaseException, backend: str, *, sent: bool) -> UpstreamError
 
 
 class _BodyTracker:
-    """Wraps a streamed request body to learn whether any byte was handed over."""
+    """Wraps a streamed request body to learn whether the request may have left.
+
+    aiohttp holds the request head back until the first body chunk, or until
+    the end of the body when there is none, and sends them together.
+    """
 
     __slots__ = ("source", "started")
 
@@ -267,6 +278,7 @@ class _BodyTracker:
         async for chunk in self.source:
             self.started = True
             yield chunk
+        self.started = True  # an empty body: the head goes out with the end of the body
 
 
 class UpstreamPool:
