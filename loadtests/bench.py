@@ -60,6 +60,7 @@ BACKEND_BODY = '{"status":"ok","service":"bench-backend","data":[1,2,3]}'
 #: Warm-up before each measured run, so connection pools, JIT-free but cache-warm code paths and
 #: kernel socket buffers are in steady state before numbers are taken.
 WARMUP_SECONDS = 2
+UNLOADED_SECONDS = 3
 
 #: wrk reports times as e.g. ``379.00us``, ``1.45ms``, ``2.01s``, ``1.00m``.
 _TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -154,6 +155,8 @@ class WrkResult:
     percentiles_ms: dict[str, float] = field(default_factory=dict)
     non_2xx_3xx: int = 0
     socket_errors: dict[str, int] = field(default_factory=dict)
+    #: p50 of a separate run with one connection: the per-request cost without queueing.
+    unloaded_p50_ms: float | None = None
 
     @property
     def p50_ms(self) -> float | None:
@@ -524,6 +527,11 @@ def measure(name: str, spec: LoadSpec, url: str) -> WrkResult:
     run_wrk(spec, url, WARMUP_SECONDS)
     log(f"{name}: measuring {spec.duration}s (-t{spec.threads} -c{spec.connections})")
     result = run_wrk(spec, url, spec.duration)
+    # Under saturation p50 is mostly queueing (about connections / throughput);
+    # one connection shows what a single request costs on its own.
+    log(f"{name}: measuring {UNLOADED_SECONDS}s with 1 connection (latency without queueing)")
+    single = LoadSpec(wrk=spec.wrk, threads=1, connections=1, duration=UNLOADED_SECONDS)
+    result.unloaded_p50_ms = run_wrk(single, url, UNLOADED_SECONDS).p50_ms
     if result.errors:
         log(
             f"WARNING {name}: {result.non_2xx_3xx} non-2xx/3xx responses, socket errors "
@@ -656,14 +664,15 @@ def _fmt_ms(value: float | None) -> str:
 def format_table(results: dict[str, WrkResult]) -> str:
     """A small fixed-width table: one row per target."""
     header = f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p75 ms':>8} {'p90 ms':>8} "
-    header += f"{'p99 ms':>8} {'max ms':>8} {'errors':>7}"
+    header += f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'p50@1conn':>10}"
     rows = [header, "-" * len(header)]
     for name, res in results.items():
         pct = res.percentiles_ms
         rows.append(
             f"{name:<8} {res.requests_per_sec:>10.1f} {_fmt_ms(pct.get('50')):>8} "
             f"{_fmt_ms(pct.get('75')):>8} {_fmt_ms(pct.get('90')):>8} "
-            f"{_fmt_ms(pct.get('99')):>8} {_fmt_ms(res.latency_max_ms):>8} {res.errors:>7}"
+            f"{_fmt_ms(pct.get('99')):>8} {_fmt_ms(res.latency_max_ms):>8} {res.errors:>7} "
+            f"{_fmt_ms(res.unloaded_p50_ms):>10}"
         )
     return "\n".join(rows)
 
@@ -676,13 +685,18 @@ def throughput_ratio(nginx: WrkResult, gateway: WrkResult) -> float:
 
 
 def ratio_line(nginx: WrkResult, gateway: WrkResult, scenario_name: str) -> str:
-    """The single grep-able summary line: throughput ratio and added median latency."""
+    """The single grep-able summary line: throughput ratio and added median latency,
+    under the full load and with one connection (no queueing)."""
     throughput = throughput_ratio(nginx, gateway)
     n50, g50 = nginx.p50_ms or 0.0, gateway.p50_ms or 0.0
-    return (
+    line = (
         f"ratio gateway/nginx: throughput {throughput:.2f}, p50 added {g50 - n50:+.2f} ms "
-        f"(nginx {n50:.2f} ms, gateway {g50:.2f} ms), scenario={scenario_name}"
+        f"(nginx {n50:.2f} ms, gateway {g50:.2f} ms)"
     )
+    if nginx.unloaded_p50_ms is not None and gateway.unloaded_p50_ms is not None:
+        u_n, u_g = nginx.unloaded_p50_ms, gateway.unloaded_p50_ms
+        line += f", 1-connection p50 added {u_g - u_n:+.2f} ms ({u_n:.2f} vs {u_g:.2f})"
+    return f"{line}, scenario={scenario_name}"
 
 
 def result_dict(result: WrkResult) -> dict[str, object]:

@@ -113,6 +113,10 @@ class Backend(_Model):
         description="Close idle pooled connections after this long. Keep it below the "
         "backend's own idle timeout. Default: defaults.keepalive.",
     )
+    client: Literal["h1", "aiohttp"] | None = Field(
+        default=None,
+        description="Upstream client: h1 (lean, fast) or aiohttp. Default: defaults.client.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -306,6 +310,9 @@ class Defaults(_Model):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     pool_size: int = Field(default=100, ge=1, le=10000)
     keepalive: Duration = Field(default=4.0, description="Pooled connection idle lifetime.")
+    client: Literal["h1", "aiohttp"] = Field(
+        default="h1", description="Upstream client for every backend that does not set one."
+    )
 
 
 class RouteFile(_Model):
@@ -322,6 +329,9 @@ class RouteFile(_Model):
 
     def backend_pool_size(self, name: str) -> int:
         return self.backends[name].pool_size or self.defaults.pool_size
+
+    def backend_client(self, name: str) -> str:
+        return self.backends[name].client or self.defaults.client
 
     def backend_keepalive(self, name: str) -> float:
         ka = self.backends[name].keepalive

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -479,6 +479,60 @@ class H1Response:
         self._consumed = True
         self.release()
 
+    async def read_chunk(self) -> bytes:
+        """The next piece of body as it arrives; ``b""`` once it is complete.
+
+        The proxy's streaming loop: like `iter_body` without the generator,
+        and without releasing at the end (call `release`; after `at_eof` the
+        connection goes back to the pool). Errors close the connection.
+        """
+        conn = self._conn
+        if conn is None:
+            if self._consumed:
+                return b""
+            raise RuntimeError("the response was released before its body was read")
+        chunks = conn._chunks
+        try:
+            while True:
+                if chunks:
+                    if len(chunks) == 1:
+                        data = chunks.popleft()
+                    else:
+                        data = b"".join(chunks)
+                        chunks.clear()
+                    conn._buffered = 0
+                    if conn._read_paused and not conn._closed:
+                        conn._read_paused = False
+                        assert conn._transport is not None
+                        conn._transport.resume_reading()
+                    return data
+                if conn._complete:
+                    self._consumed = True
+                    return b""
+                if conn._closed:
+                    raise UpstreamProtocolError(
+                        conn._error or "connection closed before the end of the response body",
+                        backend=self._pool._name,
+                        sent=True,
+                    )
+                if conn._timed_out:
+                    raise UpstreamTimeout(
+                        f"no response body data for {conn._read_timeout}s",
+                        backend=self._pool._name,
+                        sent=True,
+                    )
+                await conn._wait()
+        except BaseException:
+            self._discard()
+            raise
+
+    def at_eof(self) -> bool:
+        """True when the whole body has arrived and been handed out."""
+        conn = self._conn
+        if conn is None:
+            return self._consumed
+        return conn._complete and not conn._chunks
+
     async def read(self) -> bytes:
         """Read the whole body (for small bodies and tests) and release."""
         return b"".join([chunk async for chunk in self.iter_body()])
@@ -637,7 +691,7 @@ class H1Pool:
         method: str,
         target: str,
         headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes] | None = None,
+        body: bytes | AsyncIterable[bytes] | None = None,
     ) -> H1Response:
         """Send one request and return once the response head has arrived.
 
@@ -688,8 +742,8 @@ class H1Pool:
         method: str,
         target: str,
         headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes] | None,
-    ) -> tuple[bytes, bytes | None, AsyncIterator[bytes] | None, int]:
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> tuple[bytes, bytes | None, AsyncIterable[bytes] | None, int]:
         """Build the request head; return ``(data, payload, stream, declared)``.
 
         ``data`` is the head, with a small bytes body appended so head and body
@@ -728,7 +782,7 @@ class H1Pool:
             append(value)
             append(_CRLF)
             lines += 1
-        stream: AsyncIterator[bytes] | None = None
+        stream: AsyncIterable[bytes] | None = None
         payload: bytes | None = None
         declared = -1
         inline = b""
@@ -771,7 +825,7 @@ class H1Pool:
         conn: _Connection,
         data: bytes,
         payload: bytes | None,
-        stream: AsyncIterator[bytes] | None,
+        stream: AsyncIterable[bytes] | None,
         declared: int,
         is_head: bool,
         retryable: bool,
@@ -840,7 +894,7 @@ class H1Pool:
         self,
         conn: _Connection,
         tr: asyncio.Transport,
-        stream: AsyncIterator[bytes],
+        stream: AsyncIterable[bytes],
         declared: int,
     ) -> None:
         """Stream the request body, waiting whenever the transport is full.

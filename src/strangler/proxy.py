@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -38,7 +38,7 @@ from strangler import metrics, tasks
 from strangler.exceptions import UpstreamError
 from strangler.routing import BadPath, normalize_path
 from strangler.runtime import Runtime
-from strangler.upstream import build_request_headers
+from strangler.upstream import build_request_headers, clean_response_headers
 
 __all__ = ["ProxyApp"]
 
@@ -64,8 +64,13 @@ class _ClientGone(Exception):
     pass
 
 
+_random = random.Random()  # seeded from os.urandom once per process
+
+
 def _new_request_id() -> str:
-    return os.urandom(16).hex()
+    """128 random bits as hex: unique enough for tracing, and without the
+    getrandom syscall per request that ``os.urandom`` costs on the hot path."""
+    return f"{_random.getrandbits(128):032x}"
 
 
 def _valid_request_id(value: bytes) -> bool:
@@ -191,6 +196,7 @@ class ProxyApp:
                 override = value.decode("latin-1")
         if request_id is None:
             request_id = _new_request_id()
+        rid = request_id.encode()
         if len(headers) > snap.max_header_count or header_bytes > snap.max_header_bytes:
             await self._reject(
                 send, 431, "headers_too_large", "request headers too large", request_id
@@ -245,13 +251,12 @@ class ProxyApp:
             target = f"{target}?{query.decode('latin-1')}"
         upstream_headers = build_request_headers(
             headers,
-            host=host.decode("latin-1") if route.preserve_host and host else pool.host_header,
+            host=host if route.preserve_host and host else pool.host_header,
             peer=peer,
             scheme=scope.get("scheme", "http"),
-            request_id=request_id,
+            request_id=rid,
             forwarding=snap.forwarding,
         )
-        upstream_headers.append(("Via", "1.1 strangler"))
         body: bytes | _StreamedBody | None = None
         if chunked or length > _SMALL_BODY:
             body = _StreamedBody(receive, snap.max_body_bytes)
@@ -272,14 +277,18 @@ class ProxyApp:
         try:
             try:
                 resp = await pool.send(method, target, upstream_headers, body)
-            except UpstreamError as exc:
+            except (UpstreamError, _BodyTooLarge, _ClientGone) as exc:
+                # The client's side first: the upstream error may only be the
+                # consequence of a body we stopped streaming.
                 if isinstance(body, _StreamedBody) and body.too_large:
                     status = 413
                     await self._reject(
                         send, 413, "body_too_large", "request body too large", request_id
                     )
                     return
-                if isinstance(body, _StreamedBody) and body.client_gone:
+                if (isinstance(body, _StreamedBody) and body.client_gone) or not isinstance(
+                    exc, UpstreamError
+                ):
                     status = 499
                     return
                 status = exc.status
@@ -292,8 +301,8 @@ class ProxyApp:
 
             # 6. Stream the response back.
             status = resp.status
-            out_headers = resp.headers
-            out_headers.append((b"x-request-id", request_id.encode()))
+            out_headers = clean_response_headers(resp.headers)
+            out_headers.append((b"x-request-id", rid))
             out_headers.append(_VIA)
             if snap.debug_headers:
                 out_headers.append((b"x-strangler-route", route.name.encode()))
