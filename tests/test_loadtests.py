@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,43 @@ def test_nginx_configs_stay_on_loopback(tmp_path: Path) -> None:
         listens = [line.strip() for line in conf.splitlines() if line.strip().startswith("listen")]
         assert listens and all(line.startswith("listen 127.0.0.1:") for line in listens)
         assert "access_log off;" in conf
+
+
+def test_locustfile_runs_headless_against_the_demo_within_its_slo(
+    gateway: Any, monolith: str, orders: str, tmp_path: Path
+) -> None:
+    """The realistic mix through a real gateway, the way the README runs it (shortened)."""
+    demo = config.load(LOADTESTS.parent / "routes" / "demo.yaml").model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
+    demo["backends"] = {"legacy": {"url": monolith}, "orders": {"url": orders}}
+    gw = gateway(demo)
+    locust = Path(sys.executable).parent / "locust"
+    proc = subprocess.run(
+        [
+            str(locust),
+            "-f",
+            str(LOADTESTS / "locustfile.py"),
+            "--headless",
+            "-u",
+            "10",
+            "-r",
+            "10",
+            "-t",
+            "6s",
+            "-H",
+            gw.url,
+            "--only-summary",
+            "--csv",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = (tmp_path / "run_stats.csv").read_text().splitlines()
+    total = next(line for line in stats if ",Aggregated," in line).split(",")
+    assert int(total[2]) > 50  # requests
+    assert int(total[3]) == 0  # failures
