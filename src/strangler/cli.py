@@ -68,7 +68,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from strangler import logs
     from strangler.exceptions import ConfigError
-    from strangler.server import ServeOptions, serve
+    from strangler.server import ServeOptions, StartupError, serve
 
     routes = args.routes or os.environ.get("STRANGLER_ROUTES")
     if not routes:
@@ -100,6 +100,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for line in exc.messages:
             print(line, file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(f"strangler serve: {exc}", file=sys.stderr)
         return 1
 
 

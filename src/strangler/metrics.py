@@ -6,13 +6,21 @@ using it.
 
 With several workers the gateway runs prometheus-client's multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR`` is set before any worker starts); each gauge
-declares how the per-process values combine. `registry` gives the registry
-``/metrics`` should expose in either mode.
+declares how the per-process values combine, and `exposition` aggregates
+every process's values for ``/metrics``.
+
+The configured weights are the exception. A process's multiprocess file
+cannot forget a series, so a route removed from the file would keep its last
+weight for as long as the process lives. In multiprocess mode `set_weights`
+therefore keeps the weights in memory only, and the process serving
+``/metrics`` (the supervisor, which loads and reloads the same route file as
+its workers) publishes its own copy.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -25,6 +33,7 @@ from prometheus_client import (
 from prometheus_client import (
     generate_latest as _generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 __all__ = [
     "CONFIG_RELOADS",
@@ -83,9 +92,11 @@ CONFIG_RELOADS = Counter(
     "Route-file reloads by result (ok, failed).",
     ["result"],
 )
+_WEIGHT_NAME = "strangler_route_weight"
+_WEIGHT_HELP = "Current weight of each backend on each route (as configured)."
 ROUTE_WEIGHT = Gauge(
-    "strangler_route_weight",
-    "Current weight of each backend on each route (as configured).",
+    _WEIGHT_NAME,
+    _WEIGHT_HELP,
     ["route", "backend"],
     multiprocess_mode="livemostrecent",
 )
@@ -133,12 +144,31 @@ def children(route: str, backend: str) -> RouteMetrics:
     return m
 
 
+_weights: dict[str, dict[str, int]] = {}
+
+
 def set_weights(weights: dict[str, dict[str, int]]) -> None:
-    """Publish the configured weights; removes series of routes that are gone."""
+    """Publish the configured weights; series of routes and backends that are
+    gone disappear."""
+    global _weights
+    _weights = {route: dict(per_backend) for route, per_backend in weights.items()}
+    if multiprocess_dir():
+        return  # published by `_WeightsCollector` in the process serving /metrics
     ROUTE_WEIGHT.clear()
     for route, per_backend in weights.items():
         for backend, weight in per_backend.items():
             ROUTE_WEIGHT.labels(route, backend).set(weight)
+
+
+class _WeightsCollector:
+    """``strangler_route_weight`` from this process's current weights."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(_WEIGHT_NAME, _WEIGHT_HELP, labels=("route", "backend"))
+        for route, per_backend in _weights.items():
+            for backend, weight in per_backend.items():
+                family.add_metric((route, backend), weight)
+        yield family
 
 
 def multiprocess_dir() -> str | None:
@@ -150,6 +180,7 @@ def exposition() -> bytes:
     if multiprocess_dir():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(_WeightsCollector())
         return _generate_latest(registry)
     from prometheus_client import REGISTRY
 

@@ -12,6 +12,10 @@ editors' write-then-rename and ConfigMap symlink swaps), SIGHUP, and
 ``POST /api/reload``. An invalid file keeps the last good snapshot; the error
 messages are logged, counted and kept for ``/readyz`` and ``/api/routes``.
 
+With several workers, the supervisor's runtime publishes the reload count,
+the generation and the weights; the workers' runtimes (``publish_metrics=False``)
+reload the same file without counting each reload once more per process.
+
 Upstream pools are keyed by backend name and survive a reload that does not
 change the backend's settings; a pool whose backend changed or vanished is
 retired and closes after its last in-flight request.
@@ -33,23 +37,24 @@ from strangler import metrics, tasks
 from strangler.config import RouteFile
 from strangler.exceptions import ConfigError
 from strangler.routing import RouteTable, compile_table
-from strangler.upstream import Forwarding, UpstreamPool
+from strangler.upstream import Forwarding, Pool, create_pool
 
 __all__ = ["ReloadResult", "Runtime", "Snapshot"]
 
 logger = logging.getLogger(__name__)
 
-PoolFactory = Callable[[str, RouteFile], UpstreamPool]
+PoolFactory = Callable[[str, RouteFile], Pool]
 
 # Settings read at start only; changing them needs a restart.
 _RESTART_ONLY = ("host", "port", "admin_host", "admin_port", "drain_timeout", "keepalive_timeout")
 
 
-def default_pool_factory(name: str, cfg: RouteFile) -> UpstreamPool:
+def default_pool_factory(name: str, cfg: RouteFile) -> Pool:
     timeouts = cfg.backend_timeouts(name)
-    return UpstreamPool(
+    return create_pool(
         name,
         cfg.backends[name].url,
+        client=cfg.backend_client(name),
         connect_timeout=timeouts.connect,
         read_timeout=timeouts.read,
         pool_size=cfg.backend_pool_size(name),
@@ -63,7 +68,7 @@ class Snapshot:
 
     config: RouteFile
     table: RouteTable
-    pools: Mapping[str, UpstreamPool]
+    pools: Mapping[str, Pool]
     generation: int
     loaded_at: float
     forwarding: Forwarding
@@ -92,6 +97,10 @@ class ReloadResult:
         }
 
 
+# A signature no file has: the first poll re-reads the file.
+_UNKNOWN_SIGNATURE = (-1, -1, -1, -1)
+
+
 def _file_signature(path: Path) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)  # follows symlinks: a ConfigMap '..data' swap changes the target
@@ -110,11 +119,13 @@ class Runtime:
         pool_factory: PoolFactory = default_pool_factory,
         access_log: bool = False,
         start_pools: bool = True,
+        publish_metrics: bool = True,
     ) -> None:
         self.path = Path(path)
         self._pool_factory = pool_factory
         self._access_log = access_log
         self._start_pools = start_pools
+        self._publish_metrics = publish_metrics
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._signature: tuple[int, int, int, int] | None = None
@@ -140,11 +151,19 @@ class Runtime:
 
     # --------------------------------------------------------------- lifecycle
 
-    async def start(self, *, poll: bool = True) -> None:
+    async def start(self, *, poll: bool = True, initial: RouteFile | None = None) -> None:
         """Load the route file (raising `ConfigError` if it is invalid), open
-        the pools, and start polling the file."""
-        signature = _file_signature(self.path)
-        cfg = config_mod.load(self.path)
+        the pools, and start polling the file.
+
+        With ``initial`` (a config already validated elsewhere, such as the
+        supervisor's last good one for a worker it respawns) the runtime starts
+        on it even if the file is invalid or gone now, and the first poll
+        reads the file."""
+        if initial is None:
+            signature = _file_signature(self.path)
+            cfg = config_mod.load(self.path)
+        else:
+            signature, cfg = _UNKNOWN_SIGNATURE, initial
         self._signature = signature
         await self._install(cfg)
         if poll and self._poller is None:
@@ -175,7 +194,8 @@ class Runtime:
                 self.last_error = tuple(exc.messages)
                 self.last_error_at = time.time()
                 self.reloads_failed += 1
-                metrics.CONFIG_RELOADS.labels("failed").inc()
+                if self._publish_metrics:
+                    metrics.CONFIG_RELOADS.labels("failed").inc()
                 logger.error(
                     "reload (%s) rejected, keeping generation %d:\n%s",
                     reason,
@@ -195,7 +215,8 @@ class Runtime:
             await self._install(cfg)
             self.last_error = ()
             self.reloads_ok += 1
-            metrics.CONFIG_RELOADS.labels("ok").inc()
+            if self._publish_metrics:
+                metrics.CONFIG_RELOADS.labels("ok").inc()
             logger.info("reload (%s): generation %d", reason, self.current.generation)
             return ReloadResult(True, True, self.current.generation, warnings=tuple(warnings))
 
@@ -212,8 +233,8 @@ class Runtime:
         """Build and swap in a new snapshot, reusing unchanged pools."""
         old = self._current
         old_pools = dict(old.pools) if old is not None else {}
-        pools: dict[str, UpstreamPool] = {}
-        started: list[UpstreamPool] = []
+        pools: dict[str, Pool] = {}
+        started: list[Pool] = []
         for name in cfg.backends:
             candidate = self._pool_factory(name, cfg)
             existing = old_pools.get(name)
@@ -241,8 +262,11 @@ class Runtime:
         )
         self._current = snap
         self.last_reload_ok_at = snap.loaded_at
-        metrics.CONFIG_GENERATION.set(snap.generation)
-        metrics.set_weights({r.name: {b.name: b.weight for b in r.backends} for r in cfg.routes})
+        if self._publish_metrics:
+            metrics.CONFIG_GENERATION.set(snap.generation)
+            metrics.set_weights(
+                {r.name: {b.name: b.weight for b in r.backends} for r in cfg.routes}
+            )
         for name, pool in old_pools.items():
             if pools.get(name) is not pool:
                 pool.retire()

@@ -7,12 +7,20 @@ Several workers: the supervisor binds the proxy socket, sets up Prometheus
 multiprocess mode (a fresh ``PROMETHEUS_MULTIPROC_DIR``), spawns the workers
 (each a proxy server with its own runtime and pools on the shared socket),
 and serves the admin port itself, aggregating every worker's metrics. A
-worker that dies is marked dead for the metrics and replaced.
+worker that dies is marked dead for the metrics and replaced; the new one
+starts on the supervisor's last good config, so an invalid edit of the route
+file cannot keep it from starting.
 
 Signals. SIGHUP reloads the route file (single-process uvicorn would exit on
-it). SIGTERM/SIGINT drain: stop accepting, let in-flight requests finish for
-up to ``drain_timeout``, exit 0. uvicorn's own signal capture re-raises the
-signal after shutdown (exit 143), so our `_Server` leaves signals to us.
+it). SIGTERM/SIGINT drain: stop accepting (the supervisor also closes its
+copy of the listening socket, or the kernel would keep queueing connections
+nobody accepts), let in-flight requests finish for up to ``drain_timeout``
+(then they are cancelled), exit 0. A second SIGTERM/SIGINT stops waiting.
+uvicorn's own signal capture re-raises the signal after shutdown (exit 143),
+so our `_Server` leaves signals to us. The supervisor passes SIGHUP and
+SIGTERM on to its workers, and a second stop signal as SIGQUIT: a worker
+treats SIGTERM as idempotent, since it sees it twice when a whole process
+group is signalled (systemd, ``kill -TERM -PGID``).
 """
 
 from __future__ import annotations
@@ -30,11 +38,15 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-__all__ = ["ServeOptions", "serve"]
+if TYPE_CHECKING:
+    from strangler.config import RouteFile
+    from strangler.runtime import Runtime
+
+__all__ = ["ServeOptions", "StartupError", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +67,10 @@ class ServeOptions:
     access_log: bool = False
     log_format: str = "text"
     log_level: str = "INFO"
+
+
+class StartupError(Exception):
+    """The gateway cannot start (a port is taken, ...); the message says why."""
 
 
 class _Server(uvicorn.Server):
@@ -103,6 +119,34 @@ def _resolve(opts: ServeOptions) -> tuple[ServeOptions, Any]:
     )
 
 
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    """A bound (not yet listening) TCP socket; `StartupError` if the address is taken.
+
+    Both ports are bound before anything else starts, so a port in use fails
+    the start cleanly instead of half-way through."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _wipe(mp_dir: str) -> None:
+    """Remove metric values an earlier run left in a multiprocess directory."""
+    os.makedirs(mp_dir, exist_ok=True)
+    for name in os.listdir(mp_dir):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(mp_dir, name))
+
+
+def _drain_seconds(opts: ServeOptions) -> float:
+    return max(0.0, opts.drain_timeout if opts.drain_timeout is not None else 20.0)
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -116,6 +160,9 @@ def serve(opts: ServeOptions) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     if opts.workers > 1:
         return _Supervisor(opts).run()
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if mp_dir:  # multiprocess mode asked for with one process: start from zero all the same
+        _wipe(mp_dir)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         return runner.run(_serve_single(opts))
 
@@ -127,6 +174,12 @@ async def _serve_single(opts: ServeOptions) -> int:
 
     opts, cfg = _resolve(opts)
     assert opts.port is not None and opts.admin_port is not None
+    proxy_sock = _bind(opts.host or "0.0.0.0", opts.port, "proxy port")
+    try:
+        admin_sock = _bind(opts.admin_host or "127.0.0.1", opts.admin_port, "admin port")
+    except StartupError:
+        proxy_sock.close()
+        raise
     runtime = Runtime(opts.routes, access_log=opts.access_log)
     await runtime.start()
     proxy = ProxyApp(runtime)
@@ -136,7 +189,8 @@ async def _serve_single(opts: ServeOptions) -> int:
             opts.host or "0.0.0.0",
             opts.port,
             timeout_keep_alive=int(cfg.server.keepalive_timeout),
-            timeout_graceful_shutdown=int(opts.drain_timeout or 0) or None,
+            # seconds as a float (uvicorn waits with asyncio.wait_for); None would wait forever
+            timeout_graceful_shutdown=_drain_seconds(opts),
         )
     )
     admin_server = _Server(
@@ -153,7 +207,7 @@ async def _serve_single(opts: ServeOptions) -> int:
             logger.warning("%s again: exiting now", signame)
             proxy_server.force_exit = True
             return
-        logger.info("%s: draining for up to %.0f s", signame, opts.drain_timeout or 0)
+        logger.info("%s: draining for up to %g s", signame, _drain_seconds(opts))
         proxy.draining = True
         proxy_server.should_exit = True
 
@@ -172,9 +226,9 @@ async def _serve_single(opts: ServeOptions) -> int:
         opts.admin_host,
         opts.admin_port,
     )
-    admin_task = tasks.spawn(admin_server.serve(), name="admin-server")
+    admin_task = tasks.spawn(admin_server.serve(sockets=[admin_sock]), name="admin-server")
     try:
-        await proxy_server.serve()
+        await proxy_server.serve(sockets=[proxy_sock])
     finally:
         admin_server.should_exit = True
         await admin_task
@@ -189,23 +243,30 @@ async def _serve_single(opts: ServeOptions) -> int:
 # ------------------------------------------------------------------ workers
 
 
-def _worker_main(opts: ServeOptions, sock: socket.socket, index: int) -> None:
-    """Entry point of a worker process (spawned: a fresh interpreter)."""
+def _worker_main(
+    opts: ServeOptions, sock: socket.socket, index: int, initial: RouteFile
+) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter).
+
+    ``initial`` is the supervisor's current (valid) `RouteFile`."""
     from strangler import logs
 
     logs.setup(opts.log_format, opts.log_level)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        code = runner.run(_worker_serve(opts, sock, index))
+        code = runner.run(_worker_serve(opts, sock, index, initial))
     os._exit(code)
 
 
-async def _worker_serve(opts: ServeOptions, sock: socket.socket, index: int) -> int:
+async def _worker_serve(
+    opts: ServeOptions, sock: socket.socket, index: int, initial: RouteFile
+) -> int:
     from strangler import tasks
     from strangler.proxy import ProxyApp
     from strangler.runtime import Runtime
 
-    runtime = Runtime(opts.routes, access_log=opts.access_log)
-    await runtime.start()
+    # the supervisor counts reloads and publishes the weights, once for all
+    runtime = Runtime(opts.routes, access_log=opts.access_log, publish_metrics=False)
+    await runtime.start(initial=initial)
     proxy = ProxyApp(runtime)
     cfg = runtime.current.config
     server = _Server(
@@ -214,16 +275,21 @@ async def _worker_serve(opts: ServeOptions, sock: socket.socket, index: int) -> 
             opts.host or "0.0.0.0",
             opts.port or 8080,
             timeout_keep_alive=int(cfg.server.keepalive_timeout),
-            timeout_graceful_shutdown=int(opts.drain_timeout or 0) or None,
+            timeout_graceful_shutdown=_drain_seconds(opts),
         )
     )
     loop = asyncio.get_running_loop()
 
-    def drain() -> None:
+    def drain() -> None:  # idempotent: a process-group SIGTERM may come twice
         proxy.draining = True
         server.should_exit = True
 
+    def exit_now() -> None:
+        drain()
+        server.force_exit = True
+
     loop.add_signal_handler(signal.SIGTERM, drain)
+    loop.add_signal_handler(signal.SIGQUIT, exit_now)  # the supervisor's "stop waiting"
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
     loop.add_signal_handler(
         signal.SIGHUP, lambda: tasks.spawn(runtime.reload("SIGHUP"), name="sighup-reload")
@@ -241,8 +307,10 @@ class _Supervisor:
         self.opts = opts
         self.workers: dict[int, SpawnProcess] = {}
         self.stopping = False
+        self.exit_code = 0
         self._ctx = multiprocessing.get_context("spawn")
         self._restarts: list[float] = []
+        self._runtime: Runtime | None = None
 
     def run(self) -> int:
         mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -250,11 +318,8 @@ class _Supervisor:
         if mp_dir is None:
             mp_dir = tempfile.mkdtemp(prefix="strangler-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
-        else:  # wipe values left by an earlier run
-            os.makedirs(mp_dir, exist_ok=True)
-            for name in os.listdir(mp_dir):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(mp_dir, name))
+        else:
+            _wipe(mp_dir)
         try:
             with asyncio.Runner(loop_factory=_new_loop) as runner:
                 return runner.run(self._main())
@@ -263,8 +328,12 @@ class _Supervisor:
                 shutil.rmtree(mp_dir, ignore_errors=True)
 
     def _spawn(self, index: int, sock: socket.socket) -> None:
+        assert self._runtime is not None
+        initial = self._runtime.current.config  # last good: the file may be invalid now
         proc = self._ctx.Process(
-            target=_worker_main, args=(self.opts, sock, index), name=f"strangler-worker-{index}"
+            target=_worker_main,
+            args=(self.opts, sock, index, initial),
+            name=f"strangler-worker-{index}",
         )
         proc.start()
         self.workers[index] = proc
@@ -278,9 +347,14 @@ class _Supervisor:
         opts, cfg = _resolve(self.opts)
         self.opts = opts
         assert opts.port is not None and opts.admin_port is not None
-        runtime = Runtime(opts.routes, start_pools=False)
+        sock = _bind(opts.host or "0.0.0.0", opts.port, "proxy port")
+        try:
+            admin_sock = _bind(opts.admin_host or "127.0.0.1", opts.admin_port, "admin port")
+        except StartupError:
+            sock.close()
+            raise
+        runtime = self._runtime = Runtime(opts.routes, start_pools=False)
         await runtime.start()
-        sock = _uvicorn_config(None, opts.host or "0.0.0.0", opts.port).bind_socket()
         for i in range(opts.workers):
             self._spawn(i, sock)
 
@@ -301,7 +375,7 @@ class _Supervisor:
                     runtime,
                     token=opts.admin_token,
                     reload=reload_all,
-                    extra_status=lambda: {"workers": len(self.workers)},
+                    extra_status=lambda: {"workers": self._alive()},
                 ),
                 opts.admin_host or "127.0.0.1",
                 opts.admin_port,
@@ -311,9 +385,16 @@ class _Supervisor:
         loop = asyncio.get_running_loop()
 
         def on_stop(signame: str) -> None:
-            logger.info("%s: draining %d workers", signame, len(self.workers))
+            if self.stopping:
+                logger.warning("%s again: workers exit now", signame)
+                signal_workers(signal.SIGQUIT)
+            else:
+                logger.info("%s: draining %d workers", signame, self._alive())
+                signal_workers(signal.SIGTERM)
             self.stopping = True
-            signal_workers(signal.SIGTERM)
+            # Our copy of the listening socket would keep it listening after
+            # the workers close theirs: new connections would queue unanswered.
+            sock.close()
             stop.set()
 
         loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
@@ -321,7 +402,7 @@ class _Supervisor:
         loop.add_signal_handler(
             signal.SIGHUP, lambda: tasks.spawn(reload_all("SIGHUP"), name="sighup-reload")
         )
-        admin_task = tasks.spawn(admin_server.serve(), name="admin-server")
+        admin_task = tasks.spawn(admin_server.serve(sockets=[admin_sock]), name="admin-server")
         logger.info(
             "strangler serving %s on http://%s:%d with %d workers (admin http://%s:%d)",
             opts.routes,
@@ -350,7 +431,10 @@ class _Supervisor:
         await admin_task
         await runtime.stop()
         await tasks.cancel_all()
-        return 0
+        return self.exit_code
+
+    def _alive(self) -> int:
+        return sum(1 for p in self.workers.values() if p.is_alive())
 
     def _mark_dead(self, proc: SpawnProcess) -> None:
         from prometheus_client import multiprocess
@@ -370,7 +454,7 @@ class _Supervisor:
             self._restarts = [t for t in self._restarts if now - t < 60] + [now]
             if len(self._restarts) > 10 * self.opts.workers:
                 logger.error("workers keep dying; giving up")
-                self.stopping = True
+                self.exit_code = 1
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             self._spawn(index, sock)
