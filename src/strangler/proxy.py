@@ -38,7 +38,7 @@ from strangler import metrics, tasks
 from strangler.exceptions import UpstreamError
 from strangler.routing import BadPath, normalize_path
 from strangler.runtime import Runtime
-from strangler.upstream import build_request_headers, clean_response_headers
+from strangler.upstream import UpstreamResponse, build_request_headers, clean_response_headers
 
 __all__ = ["ProxyApp"]
 
@@ -319,7 +319,7 @@ class ProxyApp:
 
     async def _stream(
         self,
-        resp: Any,
+        resp: UpstreamResponse,
         status: int,
         headers: list[tuple[bytes, bytes]],
         method: str,
