@@ -12,6 +12,7 @@ path               method  what
 /readyz            GET     a route file is loaded (503 otherwise); detail
 /metrics           GET     Prometheus text format (all workers)
 /api/routes        GET     effective routes, weights and backends
+/api/backends      GET     breaker state, recent failures, retry budget, fallbacks
 /api/reload        POST    re-read the route file now (token)
 =================  ======  ==================================================
 """
@@ -88,6 +89,33 @@ def create_app(
             return JSONResponse({"error": "not_ready"}, status_code=503)
         return JSONResponse(runtime.describe())
 
+    async def backends(request: Request) -> Response:
+        if not runtime.ready:
+            return JSONResponse({"error": "not_ready"}, status_code=503)
+        snap = runtime.current
+        if metrics.multiprocess_dir():
+            # The supervisor proxies nothing: report what the workers published.
+            per_backend = metrics.backend_summary()
+            return JSONResponse(
+                {
+                    "source": "metrics of all workers",
+                    "backends": {
+                        name: {"url": b.url, **per_backend.get(name, {})}
+                        for name, b in snap.config.backends.items()
+                    },
+                }
+            )
+        return JSONResponse(
+            {
+                "source": "this process",
+                "redis": None if runtime.shared is None else {"up": runtime.shared.up},
+                "backends": {
+                    name: {"url": b.url, **snap.guards[name].describe()}
+                    for name, b in snap.config.backends.items()
+                },
+            }
+        )
+
     async def reload_endpoint(request: Request) -> Response:
         denied = _authorized(request, token)
         if denied is not None:
@@ -101,6 +129,7 @@ def create_app(
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
             Route("/api/routes", routes),
+            Route("/api/backends", backends),
             Route("/api/reload", reload_endpoint, methods=["POST"]),
         ]
     )

@@ -42,6 +42,10 @@ from strangler.exceptions import ConfigError
 
 __all__ = [
     "Backend",
+    "Breaker",
+    "Retry",
+    "RetryBudget",
+    "RetryOverride",
     "Defaults",
     "Limits",
     "Match",
@@ -100,6 +104,102 @@ class Timeouts(_Model):
     read: Duration = 30.0
 
 
+_RETRY_STATUSES = [502, 503, 504]
+_IDEMPOTENT_DEFAULT = ["GET", "HEAD", "OPTIONS"]
+
+
+def _upper_methods(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    out = [m.upper() for m in v]
+    for m in out:
+        if not _TOKEN_METHOD_RE.match(m):
+            raise ValueError(f"invalid method {m!r}")
+    return out
+
+
+class Retry(_Model):
+    """Retry policy of a backend (routes may override any field).
+
+    ``attempts`` counts the first try: 1 means no retries. Backoff between
+    tries is exponential with full jitter (random between 0 and
+    ``min(max_backoff, backoff * 2**n)``); a ``Retry-After`` answer is honoured
+    when it fits inside the deadline.
+    """
+
+    attempts: int = Field(default=1, ge=1, le=10, description="Tries in all; 1 = no retries.")
+    per_try_timeout: Duration | None = Field(
+        default=None, description="Bound on each try's wait for the response head."
+    )
+    deadline: Duration | None = Field(
+        default=None, description="Bound on all tries together, backoff included."
+    )
+    backoff: Duration = Field(default=0.025, description="Base of the exponential backoff.")
+    max_backoff: Duration = Field(default=1.0, description="Cap of one backoff wait.")
+    on_status: list[int] = Field(
+        default_factory=lambda: list(_RETRY_STATUSES), description="Statuses that are retried."
+    )
+    methods: list[str] = Field(
+        default_factory=lambda: list(_IDEMPOTENT_DEFAULT),
+        description="Methods retried after the request was sent (any method is retried "
+        "when it never left the gateway).",
+    )
+    buffer_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="Request bodies up to this size are buffered so they can be resent; "
+        "larger ones are never retried.",
+    )
+
+    @field_validator("on_status")
+    @classmethod
+    def _check_statuses(cls, v: list[int]) -> list[int]:
+        for code in v:
+            if not 500 <= code <= 599 and code != 429:
+                raise ValueError(f"only 5xx statuses and 429 can be retried, not {code}")
+        return v
+
+    _upper = field_validator("methods")(classmethod(lambda cls, v: _upper_methods(v)))
+
+
+class RetryOverride(_Model):
+    """A route's changes to its backends' retry policies (unset fields inherit)."""
+
+    attempts: int | None = Field(default=None, ge=1, le=10)
+    per_try_timeout: Duration | None = None
+    deadline: Duration | None = None
+    backoff: Duration | None = None
+    max_backoff: Duration | None = None
+    on_status: list[int] | None = None
+    methods: list[str] | None = None
+    buffer_bytes: int | None = Field(default=None, ge=0)
+
+    _upper = field_validator("methods")(classmethod(lambda cls, v: _upper_methods(v)))
+
+    @field_validator("on_status")
+    @classmethod
+    def _check_statuses(cls, v: list[int] | None) -> list[int] | None:
+        return None if v is None else Retry._check_statuses(v)
+
+
+class RetryBudget(_Model):
+    """Envoy-style retry budget per backend: retries in flight may not exceed
+    ``percent`` of the active requests, but ``min_retries`` are always allowed."""
+
+    percent: float = Field(default=20.0, ge=0, le=100)
+    min_retries: int = Field(default=3, ge=0)
+
+
+class Breaker(_Model):
+    """Circuit breaker per backend: ``fail_max`` consecutive failures (connect
+    errors, timeouts, 5xx) open it; after ``reset_timeout`` one trial request
+    is let through; its success closes it again."""
+
+    enabled: bool = True
+    fail_max: int = Field(default=5, ge=1)
+    reset_timeout: Duration = Field(default=10.0, gt=0)
+
+
 class Backend(_Model):
     """An upstream: the legacy monolith or an extracted service."""
 
@@ -117,6 +217,11 @@ class Backend(_Model):
         default=None,
         description="Upstream client: h1 (lean, fast) or aiohttp. Default: defaults.client.",
     )
+    retry: Retry | None = Field(default=None, description="Default: defaults.retry.")
+    retry_budget: RetryBudget | None = Field(
+        default=None, description="Default: defaults.retry_budget."
+    )
+    breaker: Breaker | None = Field(default=None, description="Default: defaults.breaker.")
 
     @field_validator("url")
     @classmethod
@@ -257,6 +362,9 @@ class Route(_Model):
     allow_encoded_slash: bool = Field(
         default=False, description="Accept %2F, %5C and '\\' in the path instead of a 400."
     )
+    retry: RetryOverride | None = Field(
+        default=None, description="Overrides of the backends' retry policies on this route."
+    )
 
 
 class Limits(_Model):
@@ -313,6 +421,9 @@ class Defaults(_Model):
     client: Literal["h1", "aiohttp"] = Field(
         default="h1", description="Upstream client for every backend that does not set one."
     )
+    retry: Retry = Field(default_factory=Retry)
+    retry_budget: RetryBudget = Field(default_factory=RetryBudget)
+    breaker: Breaker = Field(default_factory=Breaker)
 
 
 class RouteFile(_Model):
@@ -329,6 +440,20 @@ class RouteFile(_Model):
 
     def backend_pool_size(self, name: str) -> int:
         return self.backends[name].pool_size or self.defaults.pool_size
+
+    def backend_retry(self, name: str, route: Route | None = None) -> Retry:
+        """The backend's retry policy, with the route's overrides applied."""
+        base = self.backends[name].retry or self.defaults.retry
+        if route is None or route.retry is None:
+            return base
+        changes = {k: getattr(route.retry, k) for k in route.retry.model_fields_set}
+        return base.model_copy(update={k: v for k, v in changes.items() if v is not None})
+
+    def backend_breaker(self, name: str) -> Breaker:
+        return self.backends[name].breaker or self.defaults.breaker
+
+    def backend_retry_budget(self, name: str) -> RetryBudget:
+        return self.backends[name].retry_budget or self.defaults.retry_budget
 
     def backend_client(self, name: str) -> str:
         return self.backends[name].client or self.defaults.client

@@ -8,8 +8,9 @@ know which library raised::
     ├── ConfigError                  the route file is unreadable or invalid
     └── UpstreamError                a backend could not give us a response
         ├── UpstreamConnectError     refused, unreachable, DNS: nothing was sent
-        ├── UpstreamTimeout          connect or read timeout
-        └── UpstreamProtocolError    reset / closed / malformed response
+        ├── UpstreamTimeout          connect, read, per-try or deadline timeout
+        ├── UpstreamProtocolError    reset / closed / malformed response
+        └── CircuitOpen              the backend's breaker is open: not even tried
 
 Each `UpstreamError` carries ``backend`` (the name from the route file) and
 ``sent``: whether any byte of the request may have reached the backend. A
@@ -70,3 +71,16 @@ class UpstreamProtocolError(UpstreamError):
     """The connection was reset or closed early, or the response was malformed."""
 
     kind = "protocol"
+
+
+class CircuitOpen(UpstreamError):
+    """The backend's circuit breaker is open (or half-open with its one trial
+    already under way), so the request was not sent. ``retry_after`` is the
+    number of seconds until the breaker lets a trial request through."""
+
+    kind = "breaker_open"
+    status = 503
+
+    def __init__(self, message: str, *, backend: str = "", retry_after: float = 1.0) -> None:
+        super().__init__(message, backend=backend, sent=False)
+        self.retry_after = retry_after

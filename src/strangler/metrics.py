@@ -100,6 +100,38 @@ ROUTE_WEIGHT = Gauge(
     ["route", "backend"],
     multiprocess_mode="livemostrecent",
 )
+BREAKER_STATE = Gauge(
+    "strangler_breaker_state",
+    "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open (max over workers).",
+    ["backend"],
+    multiprocess_mode="livemax",
+)
+BREAKER_TRANSITIONS = Counter(
+    "strangler_breaker_transitions_total",
+    "Circuit breaker state changes by backend and new state.",
+    ["backend", "state"],
+)
+UPSTREAM_ATTEMPTS = Counter(
+    "strangler_upstream_attempts_total",
+    "Requests sent to a backend, retries included.",
+    ["backend"],
+)
+RETRIES = Counter(
+    "strangler_retries_total",
+    "Retry decisions by backend and outcome: retried, or why not (budget_exhausted, "
+    "skipped_body, skipped_retry_after, deadline, exhausted).",
+    ["backend", "outcome"],
+)
+FALLBACKS = Counter(
+    "strangler_fallbacks_total",
+    "Requests served by the route's fallback backend, by route and reason.",
+    ["route", "reason"],
+)
+REDIS_ERRORS = Counter(
+    "strangler_redis_errors_total",
+    "Redis calls that failed (error) or were not tried during the pause after one (skipped).",
+    ["result"],
+)
 INFLIGHT = Gauge(
     "strangler_inflight_requests",
     "Requests being proxied right now.",
@@ -169,6 +201,33 @@ class _WeightsCollector:
             for backend, weight in per_backend.items():
                 family.add_metric((route, backend), weight)
         yield family
+
+
+def backend_summary() -> dict[str, dict[str, object]]:
+    """Per-backend breaker state and counters, aggregated over every worker
+    (for ``/api/backends`` under the multi-worker supervisor)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    states = {0: "closed", 1: "half-open", 2: "open"}
+    out: dict[str, dict[str, object]] = {}
+
+    def entry(backend: str) -> dict[str, object]:
+        return out.setdefault(
+            backend, {"breaker": None, "upstream_errors": {}, "retries": {}, "attempts": 0}
+        )
+
+    for family in registry.collect():
+        for sample in family.samples:
+            labels, value = sample.labels, sample.value
+            if sample.name == "strangler_breaker_state":
+                entry(labels["backend"])["breaker"] = {"state": states.get(int(value), "?")}
+            elif sample.name == "strangler_upstream_errors_total":
+                entry(labels["backend"])["upstream_errors"][labels["kind"]] = int(value)  # type: ignore[index]
+            elif sample.name == "strangler_retries_total":
+                entry(labels["backend"])["retries"][labels["outcome"]] = int(value)  # type: ignore[index]
+            elif sample.name == "strangler_upstream_attempts_total":
+                entry(labels["backend"])["attempts"] = int(value)
+    return out
 
 
 def multiprocess_dir() -> str | None:

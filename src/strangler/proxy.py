@@ -29,15 +29,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from strangler import metrics, tasks
-from strangler.exceptions import UpstreamError
-from strangler.routing import BadPath, normalize_path
-from strangler.runtime import Runtime
+from strangler.exceptions import CircuitOpen, UpstreamError
+from strangler.routing import BadPath, CompiledRoute, normalize_path
+from strangler.runtime import Runtime, Snapshot
 from strangler.upstream import UpstreamResponse, build_request_headers, clean_response_headers
 
 __all__ = ["ProxyApp"]
@@ -105,19 +106,41 @@ async def _read_small_body(receive: Receive, length: int) -> bytes:
 
 
 class _StreamedBody:
-    """The request body as an async iterator, enforcing the size limit."""
+    """The request body as an async iterator, enforcing the size limit.
 
-    __slots__ = ("receive", "limit", "too_large", "client_gone", "done")
+    ``prefix`` holds chunks already read (while trying to buffer the body for
+    retries); they are yielded first. ``started`` tells whether any byte was
+    handed to a backend, after which the body cannot go anywhere else.
+    """
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    __slots__ = (
+        "receive",
+        "limit",
+        "prefix",
+        "received",
+        "too_large",
+        "client_gone",
+        "done",
+        "started",
+    )
+
+    def __init__(
+        self, receive: Receive, limit: int, prefix: list[bytes] | None = None, received: int = 0
+    ) -> None:
         self.receive = receive
         self.limit = limit
+        self.prefix = prefix or []
+        self.received = received
         self.too_large = False
         self.client_gone = False
         self.done = False
+        self.started = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        received = 0
+        self.started = True
+        for chunk in self.prefix:
+            yield chunk
+        self.prefix = []
         while True:
             msg = await self.receive()
             if msg["type"] == "http.disconnect":
@@ -125,14 +148,72 @@ class _StreamedBody:
                 raise _ClientGone()
             chunk = msg.get("body", b"")
             if chunk:
-                received += len(chunk)
-                if received > self.limit:
+                self.received += len(chunk)
+                if self.received > self.limit:
                     self.too_large = True
                     raise _BodyTooLarge()
                 yield chunk
             if not msg.get("more_body", False):
                 self.done = True
                 return
+
+
+async def _request_body(
+    receive: Receive,
+    content_length: bytes | None,
+    length: int,
+    chunked: bool,
+    limit: int,
+    replay_bytes: int,
+) -> bytes | _StreamedBody | None:
+    """The request body as bytes when it is small or must be replayable
+    (retries, fallback: up to ``replay_bytes``), else as a stream.
+
+    A chunked body is read up to ``replay_bytes``; if it is longer, what was
+    read becomes the prefix of the stream and the body is not replayable.
+    """
+    if not chunked:
+        if content_length is None:
+            return None
+        if length <= max(_SMALL_BODY, replay_bytes):
+            return await _read_small_body(receive, length)
+        return _StreamedBody(receive, limit)
+    if replay_bytes <= 0:
+        return _StreamedBody(receive, limit)
+    parts: list[bytes] = []
+    received = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = msg.get("body", b"")
+        if chunk:
+            received += len(chunk)
+            parts.append(chunk)
+            if received > replay_bytes:
+                body = _StreamedBody(receive, limit, parts, received)
+                if received > limit:
+                    body.too_large = True
+                    raise _BodyTooLarge()
+                return body
+        if not msg.get("more_body", False):
+            return b"".join(parts)
+
+
+def _may_fall_back(fallback: str, backend: str, body: bytes | _StreamedBody | None) -> bool:
+    """The fallback differs, and the body can still be sent to it."""
+    if fallback == backend:
+        return False
+    return not isinstance(body, _StreamedBody) or not body.started
+
+
+def _raise_if_client_side(body: bytes | _StreamedBody | None) -> None:
+    """An upstream failure that was really the client's: too large, or gone."""
+    if isinstance(body, _StreamedBody):
+        if body.too_large:
+            raise _BodyTooLarge()
+        if body.client_gone:
+            raise _ClientGone()
 
 
 async def _watch_disconnect(receive: Receive) -> None:
@@ -244,7 +325,7 @@ class ProxyApp:
         backend = route.choose(headers, client_ip, override)
         pool = snap.pools[backend]
 
-        # 5. Call it.
+        # 5. Call it under breaker, retries and deadline; fall back when allowed.
         query: bytes = scope.get("query_string", b"")
         target = route.rewrite(path)
         if query:
@@ -257,44 +338,57 @@ class ProxyApp:
             request_id=rid,
             forwarding=snap.forwarding,
         )
-        body: bytes | _StreamedBody | None = None
-        if chunked or length > _SMALL_BODY:
-            body = _StreamedBody(receive, snap.max_body_bytes)
-        elif content_length is not None:
-            try:
-                body = await _read_small_body(receive, length)
-            except _BodyTooLarge:
+        policy = snap.policies[(route.name, backend)]
+        try:
+            body = await _request_body(
+                receive,
+                content_length,
+                length,
+                chunked,
+                snap.max_body_bytes,
+                policy.buffer_bytes if policy.retries or route.fallback else 0,
+            )
+        except _BodyTooLarge:
+            if chunked:
+                await self._reject(
+                    send, 413, "body_too_large", "request body too large", request_id
+                )
+            else:
                 await self._reject(
                     send, 400, "bad_request", "body longer than Content-Length", request_id
                 )
-                return
-            except _ClientGone:
-                return
+            return
+        except _ClientGone:
+            return
 
-        route_metrics = metrics.children(route.name, backend)
+        served_by = backend
         metrics.INFLIGHT.inc()
         status = 502
         try:
             try:
-                resp = await pool.send(method, target, upstream_headers, body)
-            except (UpstreamError, _BodyTooLarge, _ClientGone) as exc:
-                # The client's side first: the upstream error may only be the
-                # consequence of a body we stopped streaming.
-                if isinstance(body, _StreamedBody) and body.too_large:
-                    status = 413
-                    await self._reject(
-                        send, 413, "body_too_large", "request body too large", request_id
-                    )
-                    return
-                if (isinstance(body, _StreamedBody) and body.client_gone) or not isinstance(
-                    exc, UpstreamError
-                ):
-                    status = 499
-                    return
-                status = exc.status
-                metrics.UPSTREAM_ERRORS.labels(backend, exc.kind).inc()
-                logger.warning(
-                    "upstream %s failed for %s %s [%s]: %s", backend, method, path, request_id, exc
+                resp, served_by, fallback_reason = await self._call(
+                    snap, route, backend, method, target, upstream_headers, body
+                )
+            except _BodyTooLarge:
+                status = 413
+                await self._reject(
+                    send, 413, "body_too_large", "request body too large", request_id
+                )
+                return
+            except _ClientGone:
+                status = 499
+                return
+            except UpstreamError as exc:
+                status, served_by = exc.status, exc.backend
+                # An open breaker is logged once, when it opens, not per request.
+                logger.log(
+                    logging.DEBUG if isinstance(exc, CircuitOpen) else logging.WARNING,
+                    "upstream %s failed for %s %s [%s]: %s",
+                    exc.backend,
+                    method,
+                    path,
+                    request_id,
+                    exc,
                 )
                 await self._error(send, exc, request_id, route.name if snap.debug_headers else None)
                 return
@@ -304,18 +398,87 @@ class ProxyApp:
             out_headers = clean_response_headers(resp.headers)
             out_headers.append((b"x-request-id", rid))
             out_headers.append(_VIA)
+            if fallback_reason is not None:
+                out_headers.append((b"x-strangler-fallback", fallback_reason.encode()))
             if snap.debug_headers:
                 out_headers.append((b"x-strangler-route", route.name.encode()))
-                out_headers.append((b"x-strangler-backend", backend.encode()))
+                out_headers.append((b"x-strangler-backend", served_by.encode()))
             status = await self._stream(resp, status, out_headers, method, receive, send, body)
         finally:
             metrics.INFLIGHT.dec()
             elapsed = time.perf_counter() - started
-            route_metrics.observe(status, elapsed)
+            metrics.children(route.name, served_by).observe(status, elapsed)
             if snap.access_log:
                 self._log_access(
-                    scope, method, path, route.name, backend, status, elapsed, request_id
+                    scope, method, path, route.name, served_by, status, elapsed, request_id
                 )
+
+    async def _call(
+        self,
+        snap: Snapshot,
+        route: CompiledRoute,
+        backend: str,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | _StreamedBody | None,
+    ) -> tuple[UpstreamResponse, str, str | None]:
+        """The chosen backend under its guard, else the route's fallback.
+
+        Falls back on an open breaker, a connect error, a timeout or a 5xx
+        after retries: for the route's idempotent methods (``retry.methods``),
+        and for any method when the request never reached the backend. Returns
+        (response, backend that served it, fallback reason); raises the
+        `UpstreamError` to answer with, or `_BodyTooLarge` / `_ClientGone`
+        when the failure was the client's.
+        """
+        policy = snap.policies[(route.name, backend)]
+        replayable = not isinstance(body, _StreamedBody)
+        fallback = route.fallback
+        try:
+            resp = await snap.guards[backend].call(
+                snap.pools[backend], policy, method, target, headers, body, replayable=replayable
+            )
+        except UpstreamError as exc:
+            _raise_if_client_side(body)
+            metrics.UPSTREAM_ERRORS.labels(backend, exc.kind).inc()
+            if fallback is None or not _may_fall_back(fallback, backend, body):
+                raise
+            if exc.sent and method not in policy.methods:
+                raise
+            reason = exc.kind
+        else:
+            if (
+                resp.status < 500
+                or fallback is None
+                or method not in policy.methods
+                or not _may_fall_back(fallback, backend, body)
+            ):
+                return resp, backend, None
+            resp.release()
+            reason = "status_5xx"
+
+        # Serve it from the fallback backend instead.
+        snap.guards[backend].count_fallback(reason)
+        metrics.FALLBACKS.labels(route.name, reason).inc()
+        pool = snap.pools[fallback]
+        if not route.preserve_host:
+            headers = [(b"host", pool.host_header), *headers[1:]]
+        try:
+            resp = await snap.guards[fallback].call(
+                pool,
+                snap.policies[(route.name, fallback)],
+                method,
+                target,
+                headers,
+                body,
+                replayable=replayable,
+            )
+        except UpstreamError as exc:
+            _raise_if_client_side(body)
+            metrics.UPSTREAM_ERRORS.labels(fallback, exc.kind).inc()
+            raise
+        return resp, fallback, reason
 
     async def _stream(
         self,
@@ -393,17 +556,22 @@ class ProxyApp:
     async def _error(
         self, send: Send, exc: UpstreamError, request_id: str, route: str | None
     ) -> None:
-        reason = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
+        extra: list[tuple[bytes, bytes]] = []
+        if isinstance(exc, CircuitOpen):
+            reason = "circuit_open"
+            extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+        elif exc.status == 504:
+            reason = "upstream_timeout"
+        else:
+            reason = "upstream_unavailable"
         payload = {
             "error": reason,
-            "message": f"backend {exc.backend!r}: {exc.kind} error",
+            "message": f"backend {exc.backend!r}: {exc.kind.replace('_', ' ')}",
             "request_id": request_id,
         }
-        extra = (
-            [(b"x-strangler-route", route.encode()), (b"x-strangler-backend", exc.backend.encode())]
-            if route
-            else []
-        )
+        if route:
+            extra.append((b"x-strangler-route", route.encode()))
+            extra.append((b"x-strangler-backend", exc.backend.encode()))
         await self._json(send, exc.status, payload, request_id, extra)
 
     @staticmethod

@@ -36,7 +36,9 @@ from strangler import config as config_mod
 from strangler import metrics, tasks
 from strangler.config import RouteFile
 from strangler.exceptions import ConfigError
+from strangler.resilience import Breaker, Guard, RetryPolicy
 from strangler.routing import RouteTable, compile_table
+from strangler.shared import SharedState
 from strangler.upstream import Forwarding, Pool, create_pool
 
 __all__ = ["ReloadResult", "Runtime", "Snapshot"]
@@ -69,6 +71,10 @@ class Snapshot:
     config: RouteFile
     table: RouteTable
     pools: Mapping[str, Pool]
+    #: Breaker, retry budget and recent failures per backend (survive reloads).
+    guards: Mapping[str, Guard]
+    #: Retry policy per (route, backend): the backend's, with the route's overrides.
+    policies: Mapping[tuple[str, str], RetryPolicy]
     generation: int
     loaded_at: float
     forwarding: Forwarding
@@ -120,8 +126,12 @@ class Runtime:
         access_log: bool = False,
         start_pools: bool = True,
         publish_metrics: bool = True,
+        redis_url: str | None = None,
     ) -> None:
         self.path = Path(path)
+        self._redis_url = redis_url
+        self.shared: SharedState | None = None
+        self._breaker_sync: asyncio.Task[None] | None = None
         self._pool_factory = pool_factory
         self._access_log = access_log
         self._start_pools = start_pools
@@ -165,11 +175,26 @@ class Runtime:
         else:
             signature, cfg = _UNKNOWN_SIGNATURE, initial
         self._signature = signature
+        url = self._redis_url or (cfg.redis.url if cfg.redis else None)
+        if url and self.shared is None:
+            prefix = cfg.redis.prefix if cfg.redis else "strangler:"
+            self.shared = SharedState(url, prefix)
         await self._install(cfg)
+        if self.shared is not None and self._start_pools and self._breaker_sync is None:
+            self._breaker_sync = tasks.spawn(
+                self.shared.sync_breakers(lambda: dict(self.current.guards)),
+                name="breaker-sync",
+            )
         if poll and self._poller is None:
             self._poller = tasks.spawn(self._poll(), name="route-file-poller")
 
     async def stop(self) -> None:
+        if self._breaker_sync is not None:
+            self._breaker_sync.cancel()
+            self._breaker_sync = None
+        if self.shared is not None:
+            await self.shared.close()
+            self.shared = None
         if self._poller is not None:
             self._poller.cancel()
             try:
@@ -246,11 +271,20 @@ class Runtime:
         if self._start_pools:
             for pool in started:
                 await pool.start()
+        guards = self._guards(cfg, old.guards if old is not None else {})
+        policies = {
+            (route.name, name): RetryPolicy.build(cfg.backend_retry(name, route))
+            for route in cfg.routes
+            for name in {b.name for b in route.backends} | ({route.fallback} - {None})
+            if name is not None
+        }
         server = cfg.server
         snap = Snapshot(
             config=cfg,
             table=compile_table(cfg),
             pools=pools,
+            guards=guards,
+            policies=policies,
             generation=(old.generation + 1) if old is not None else 1,
             loaded_at=time.time(),
             forwarding=Forwarding(server.trusted_proxies),
@@ -270,6 +304,23 @@ class Runtime:
         for name, pool in old_pools.items():
             if pools.get(name) is not pool:
                 pool.retire()
+
+    def _guards(self, cfg: RouteFile, old: Mapping[str, Guard]) -> dict[str, Guard]:
+        """Keep a backend's guard (and its breaker state) unless its settings changed."""
+        guards: dict[str, Guard] = {}
+        for name in cfg.backends:
+            breaker, budget = cfg.backend_breaker(name), cfg.backend_retry_budget(name)
+            existing = old.get(name)
+            if existing is not None and existing.same_settings(breaker, budget):
+                guards[name] = existing
+            else:
+                guards[name] = Guard(name, breaker, budget, on_open=self._breaker_opened)
+        return guards
+
+    def _breaker_opened(self, breaker: Breaker) -> None:
+        """A breaker opened on this replica's own failures: tell the others."""
+        if self.shared is not None:
+            tasks.spawn(self.shared.publish_open(breaker), name=f"share-open-{breaker.backend}")
 
     async def _poll(self) -> None:
         while True:

@@ -180,7 +180,7 @@ async def _serve_single(opts: ServeOptions) -> int:
     except StartupError:
         proxy_sock.close()
         raise
-    runtime = Runtime(opts.routes, access_log=opts.access_log)
+    runtime = Runtime(opts.routes, access_log=opts.access_log, redis_url=opts.redis_url)
     await runtime.start()
     proxy = ProxyApp(runtime)
     proxy_server = _Server(
@@ -243,9 +243,7 @@ async def _serve_single(opts: ServeOptions) -> int:
 # ------------------------------------------------------------------ workers
 
 
-def _worker_main(
-    opts: ServeOptions, sock: socket.socket, index: int, initial: RouteFile
-) -> None:
+def _worker_main(opts: ServeOptions, sock: socket.socket, index: int, initial: RouteFile) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter).
 
     ``initial`` is the supervisor's current (valid) `RouteFile`."""
@@ -265,7 +263,9 @@ async def _worker_serve(
     from strangler.runtime import Runtime
 
     # the supervisor counts reloads and publishes the weights, once for all
-    runtime = Runtime(opts.routes, access_log=opts.access_log, publish_metrics=False)
+    runtime = Runtime(
+        opts.routes, access_log=opts.access_log, publish_metrics=False, redis_url=opts.redis_url
+    )
     await runtime.start(initial=initial)
     proxy = ProxyApp(runtime)
     cfg = runtime.current.config

@@ -19,6 +19,7 @@ are dropped in both directions. ``X-Forwarded-For`` is appended to only when
 the peer is a trusted proxy; otherwise the client's own value is replaced, so
 a client cannot forge its address.
 """
+
 from __future__ import annotations
 
 import asyncio
