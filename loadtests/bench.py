@@ -137,6 +137,27 @@ def plain_scenario(ctx: ScenarioContext) -> Scenario:
     return Scenario(routes_yaml=server_block(ctx) + fast_backend_block(ctx) + routes)
 
 
+@scenario("resilience")
+def resilience_scenario(ctx: ScenarioContext) -> Scenario:
+    """The plain path with everything resilience turned on: breaker, retries with a per-try
+    timeout and a deadline, a retry budget and a fallback backend (never needed here)."""
+    routes = textwrap.dedent(
+        f"""\
+          legacy: {{url: "{ctx.backend_url}", pool_size: 100}}
+        defaults:
+          breaker: {{enabled: true, fail_max: 5, reset_timeout: 10s}}
+          retry: {{attempts: 3, per_try_timeout: 1s, deadline: 3s}}
+          retry_budget: {{percent: 20, min_retries: 3}}
+        routes:
+          - name: bench
+            match: {{path_prefix: /}}
+            backends: [{{name: fast, weight: 100}}]
+            fallback: legacy
+        """
+    )
+    return Scenario(routes_yaml=server_block(ctx) + fast_backend_block(ctx) + routes)
+
+
 # --------------------------------------------------------------------------------------------
 # wrk output parsing
 # --------------------------------------------------------------------------------------------

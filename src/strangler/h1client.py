@@ -148,6 +148,7 @@ class _Connection(asyncio.Protocol):
         "_deadline",
         "_timer",
         "_timed_out",
+        "_started_at",
         "_write_paused",
         "_read_paused",
     )
@@ -184,6 +185,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
+        self._started_at = 0.0
         self._write_paused = False
         self._read_paused = False
 
@@ -334,8 +336,9 @@ class _Connection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def _wait(self) -> None:
-        """Wait for the next transport event, at most ``read_timeout``.
+    async def _wait(self, until: float | None = None) -> None:
+        """Wait for the next transport event, at most ``read_timeout`` (or
+        until the loop time ``until``, if that comes first).
 
         On expiry ``_timed_out`` is set (it is cleared when a wait starts);
         the caller checks it after it has looked at what arrived.
@@ -344,9 +347,16 @@ class _Connection(asyncio.Protocol):
         w: asyncio.Future[None] = loop.create_future()
         self._waiter = w
         self._timed_out = False
-        self._deadline = loop.time() + self._read_timeout
-        if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+        deadline = loop.time() + self._read_timeout
+        if until is not None and until < deadline:
+            deadline = until
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        elif timer.when() > deadline + 0.001:
+            timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
         try:
             await w
         finally:
@@ -692,8 +702,13 @@ class H1Pool:
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterable[bytes] | None = None,
+        timeout: float | None = None,
     ) -> H1Response:
         """Send one request and return once the response head has arrived.
+
+        ``timeout`` (seconds from now) additionally bounds the wait for the
+        response head: the per-try timeout of a retry policy, enforced by the
+        connection's own timer rather than an extra one per request.
 
         ``target`` is the origin-form path and query (``/a/b?x=1``);
         ``headers`` must include ``Host``. The body is ``bytes`` (sent with
@@ -716,9 +731,12 @@ class H1Pool:
         data, payload, stream, declared = self._encode(method, target, headers, body)
         is_head = method == "HEAD"
         retryable = stream is None and method in _IDEMPOTENT
+        until = None if timeout is None else self._loop.time() + timeout
         conn = await self._acquire()
         try:
-            return await self._exchange(conn, data, payload, stream, declared, is_head, retryable)
+            return await self._exchange(
+                conn, data, payload, stream, declared, is_head, retryable, until
+            )
         except _Stale:
             pass
         # The upstream closed a reused connection just as the request went out
@@ -731,7 +749,9 @@ class H1Pool:
             exc.sent = True
             raise
         try:
-            return await self._exchange(conn, data, payload, stream, declared, is_head, False)
+            return await self._exchange(
+                conn, data, payload, stream, declared, is_head, False, until
+            )
         except _Stale as exc:  # pragma: no cover - a new connection is never stale
             raise UpstreamProtocolError(
                 "connection closed before the response", backend=self._name, sent=True
@@ -829,6 +849,7 @@ class H1Pool:
         declared: int,
         is_head: bool,
         retryable: bool,
+        until: float | None = None,
     ) -> H1Response:
         """Write the request on ``conn`` and wait for the response head.
 
@@ -847,6 +868,7 @@ class H1Pool:
                     "connection closed before the request was sent", backend=name, sent=False
                 )
             conn._start(is_head)
+            conn._started_at = self._loop.time()
             written = True
             try:
                 tr.write(data)
@@ -876,9 +898,11 @@ class H1Pool:
                     )
                 if conn._timed_out:
                     raise UpstreamTimeout(
-                        f"no response within {conn._read_timeout}s", backend=name, sent=True
+                        f"no response within {conn._deadline - conn._started_at:.3g}s",
+                        backend=name,
+                        sent=True,
                     )
-                await conn._wait()
+                await conn._wait(until)
             return H1Response(conn._status, conn._reason, conn._resp_headers, conn, self)
         except BaseException as exc:
             conn._close(abort=True)

@@ -111,11 +111,6 @@ BREAKER_TRANSITIONS = Counter(
     "Circuit breaker state changes by backend and new state.",
     ["backend", "state"],
 )
-UPSTREAM_ATTEMPTS = Counter(
-    "strangler_upstream_attempts_total",
-    "Requests sent to a backend, retries included.",
-    ["backend"],
-)
 RETRIES = Counter(
     "strangler_retries_total",
     "Retry decisions by backend and outcome: retried, or why not (budget_exhausted, "
@@ -213,7 +208,7 @@ def backend_summary() -> dict[str, dict[str, object]]:
 
     def entry(backend: str) -> dict[str, object]:
         return out.setdefault(
-            backend, {"breaker": None, "upstream_errors": {}, "retries": {}, "attempts": 0}
+            backend, {"breaker": None, "upstream_errors": {}, "retries": {}}
         )
 
     for family in registry.collect():
@@ -225,8 +220,6 @@ def backend_summary() -> dict[str, dict[str, object]]:
                 entry(labels["backend"])["upstream_errors"][labels["kind"]] = int(value)  # type: ignore[index]
             elif sample.name == "strangler_retries_total":
                 entry(labels["backend"])["retries"][labels["outcome"]] = int(value)  # type: ignore[index]
-            elif sample.name == "strangler_upstream_attempts_total":
-                entry(labels["backend"])["attempts"] = int(value)
     return out
 
 

@@ -320,7 +320,6 @@ class Guard:
         self.fallbacks: dict[str, int] = {}
         self.retry_counts: dict[str, int] = {}
         self._retries = metrics.RETRIES
-        self._attempts = metrics.UPSTREAM_ATTEMPTS.labels(backend)
 
     def same_settings(self, breaker: config.Breaker, budget: config.RetryBudget) -> bool:
         return breaker == self.breaker_settings and budget == self.budget_settings
@@ -469,21 +468,8 @@ class Guard:
                     f"deadline of {policy.deadline}s reached before trying {self.backend}",
                     backend=self.backend,
                 )
-        self._attempts.inc()
         try:
-            if timeout is None:
-                resp = await pool.send(method, target, headers, body)
-            else:
-                async with asyncio.timeout(timeout):
-                    resp = await pool.send(method, target, headers, body)
-        except TimeoutError:
-            exc: UpstreamError = UpstreamTimeout(
-                f"no response from {self.backend} within {timeout:.3g}s",
-                backend=self.backend,
-                sent=True,
-            )
-            self._failed(exc)
-            return exc
+            resp = await pool.send(method, target, headers, body, timeout)
         except UpstreamError as err:
             self._failed(err)
             return err

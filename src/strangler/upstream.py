@@ -230,7 +230,11 @@ class Pool(Protocol):
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | bytes | None,
-    ) -> UpstreamResponse: ...
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send; ``timeout`` also bounds the wait for the response head
+        (raising `UpstreamTimeout`, sent=True)."""
+        ...
 
     def same_settings(self, other: Pool) -> bool: ...
 
@@ -320,11 +324,12 @@ class H1UpstreamPool(_PoolBase):
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | bytes | None,
+        timeout: float | None = None,
     ) -> UpstreamResponse:
         pool = self._pool
         if pool is None:
             raise UpstreamConnectError(f"backend {self.name} is not started", backend=self.name)
-        return await pool.request(method, target, headers, body)
+        return await pool.request(method, target, headers, body, timeout)
 
     def busy(self) -> int:
         pool = self._pool
@@ -462,6 +467,24 @@ class AiohttpPool(_PoolBase):
         )
 
     async def send(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: AsyncIterable[bytes] | bytes | None,
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        if timeout is None:
+            return await self._send(method, target, headers, body)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._send(method, target, headers, body)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"no response from {self.name} within {timeout:.3g}s", backend=self.name, sent=True
+            ) from None
+
+    async def _send(
         self,
         method: str,
         target: str,
