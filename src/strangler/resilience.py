@@ -186,6 +186,8 @@ class Breaker:
         if self.state == CLOSED and self._cb.fail_counter == 0:
             return  # the common case: nothing to change
         self._trial = False
+        if self.state == OPEN:
+            return  # opened meanwhile (another replica): its timer decides
         self._cb.call(_succeed)
 
     def failure(self, exc: BaseException) -> None:
