@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import http.client
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway import GatewayProcess, route_file
+from threaded_server import ThreadedServer
 
 from legacy_stub.testing import free_port, stub_url
 from strangler.exceptions import UpstreamConnectError, UpstreamProtocolError
@@ -49,7 +49,7 @@ LEAK_MARKERS = (
 # ---------------------------------------------------------------- a raw backend
 
 
-class RawBackend:
+class RawBackend(ThreadedServer):
     """A hand-written HTTP/1.1 backend, for responses the stubs cannot give.
 
     ``GET /raw/hop`` answers with hop-by-hop headers (including one named in
@@ -87,38 +87,7 @@ class RawBackend:
     TRICKLE_PAUSE = 1.5
     NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
-    def __init__(self) -> None:
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return stub_url(self.port)
-
-    def start(self) -> RawBackend:
-        self._thread.start()
-        if not self._ready.wait(5):
-            raise RuntimeError("raw backend did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             target = head.split(b" ", 2)[1]

@@ -19,9 +19,9 @@ from types import TracebackType
 import httpx
 import pytest
 from gateway import GatewayProcess, route_file
+from threaded_server import ThreadedServer
 
 from legacy_stub.data import download_pattern
-from legacy_stub.testing import stub_url
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,46 +76,18 @@ class RssSampler:
         self.peak = max(self.peak, rss(self.pid))
 
 
-class EndlessBackend:
+class EndlessBackend(ThreadedServer):
     """Streams a chunked body that never ends; records when the reader goes away."""
 
     CHUNK = b"z" * 65536
 
     def __init__(self) -> None:
-        self.port = 0
+        super().__init__()
         self.bytes_sent = 0
         self.started = threading.Event()
         self.closed = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
 
-    @property
-    def url(self) -> str:
-        return stub_url(self.port)
-
-    def start(self) -> EndlessBackend:
-        self._thread.start()
-        if not self._ready.wait(5):
-            raise RuntimeError("endless backend did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         chunk = b"%x\r\n%s\r\n" % (len(self.CHUNK), self.CHUNK)
         try:
             await reader.readuntil(b"\r\n\r\n")

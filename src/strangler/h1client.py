@@ -443,50 +443,15 @@ class H1Response:
         connection goes back to the pool); stopping early, an error or a
         cancellation closes the connection instead.
         """
-        conn = self._conn
-        if conn is None:
-            if self._consumed:
-                return
-            raise RuntimeError("the response was released before its body was read")
-        chunks = conn._chunks
         try:
             while True:
-                if chunks:
-                    if len(chunks) == 1:
-                        data = chunks.popleft()
-                    else:
-                        data = b"".join(chunks)
-                        chunks.clear()
-                    conn._buffered = 0
-                    if conn._read_paused and not conn._closed:
-                        conn._read_paused = False
-                        assert conn._transport is not None
-                        conn._transport.resume_reading()
-                    yield data
-                    if self._conn is not conn:
-                        # Released while suspended: the connection may already
-                        # carry another request, whose bytes must not leak here.
-                        raise RuntimeError("the response was released while its body was read")
-                    continue
-                if conn._complete:
+                data = await self.read_chunk()
+                if not data:
                     break
-                if conn._closed:
-                    raise UpstreamProtocolError(
-                        conn._error or "connection closed before the end of the response body",
-                        backend=self._pool._name,
-                        sent=True,
-                    )
-                if conn._timed_out:
-                    raise UpstreamTimeout(
-                        f"no response body data for {conn._read_timeout}s",
-                        backend=self._pool._name,
-                        sent=True,
-                    )
-                await conn._wait()
-        except BaseException:
+                yield data
+        except BaseException:  # stopped early (GeneratorExit), failed or cancelled
             self._discard()
             raise
-        self._consumed = True
         self.release()
 
     async def read_chunk(self) -> bytes:

@@ -88,7 +88,11 @@ def _hostname(host: bytes) -> str:
     return h[:colon] if colon != -1 else h
 
 
-async def _read_small_body(receive: Receive, length: int) -> bytes:
+async def _read_up_to(receive: Receive, bound: int) -> tuple[list[bytes], int, bool]:
+    """Read body messages until the end or past ``bound`` bytes.
+
+    Returns the chunks, their total size and whether the body ended.
+    """
     parts: list[bytes] = []
     received = 0
     while True:
@@ -98,11 +102,18 @@ async def _read_small_body(receive: Receive, length: int) -> bytes:
         chunk = msg.get("body", b"")
         if chunk:
             received += len(chunk)
-            if received > length:
-                raise _BodyTooLarge()
             parts.append(chunk)
+            if received > bound:
+                return parts, received, False
         if not msg.get("more_body", False):
-            return b"".join(parts)
+            return parts, received, True
+
+
+async def _read_small_body(receive: Receive, length: int) -> bytes:
+    parts, _, done = await _read_up_to(receive, length)
+    if not done:
+        raise _BodyTooLarge()
+    return b"".join(parts)
 
 
 class _StreamedBody:
@@ -180,24 +191,12 @@ async def _request_body(
         return _StreamedBody(receive, limit)
     if replay_bytes <= 0:
         return _StreamedBody(receive, limit)
-    parts: list[bytes] = []
-    received = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise _ClientGone()
-        chunk = msg.get("body", b"")
-        if chunk:
-            received += len(chunk)
-            parts.append(chunk)
-            if received > replay_bytes:
-                body = _StreamedBody(receive, limit, parts, received)
-                if received > limit:
-                    body.too_large = True
-                    raise _BodyTooLarge()
-                return body
-        if not msg.get("more_body", False):
-            return b"".join(parts)
+    parts, received, done = await _read_up_to(receive, replay_bytes)
+    if done:
+        return b"".join(parts)
+    if received > limit:
+        raise _BodyTooLarge()
+    return _StreamedBody(receive, limit, parts, received)
 
 
 def _may_fall_back(fallback: str, backend: str, body: bytes | _StreamedBody | None) -> bool:
