@@ -91,7 +91,9 @@ def _hostname(host: bytes) -> str:
 async def _read_up_to(receive: Receive, bound: int) -> tuple[list[bytes], int, bool]:
     """Read body messages until the end or past ``bound`` bytes.
 
-    Returns the chunks, their total size and whether the body ended.
+    Returns the chunks, their total size and whether the body ended (the
+    message that crosses ``bound`` may also be the last one: then the body
+    ended, and nothing more may be awaited from ``receive``).
     """
     parts: list[bytes] = []
     received = 0
@@ -103,15 +105,14 @@ async def _read_up_to(receive: Receive, bound: int) -> tuple[list[bytes], int, b
         if chunk:
             received += len(chunk)
             parts.append(chunk)
-            if received > bound:
-                return parts, received, False
-        if not msg.get("more_body", False):
-            return parts, received, True
+        ended = not msg.get("more_body", False)
+        if ended or received > bound:
+            return parts, received, ended
 
 
 async def _read_small_body(receive: Receive, length: int) -> bytes:
-    parts, _, done = await _read_up_to(receive, length)
-    if not done:
+    parts, received, ended = await _read_up_to(receive, length)
+    if not ended or received > length:
         raise _BodyTooLarge()
     return b"".join(parts)
 
@@ -180,8 +181,10 @@ async def _request_body(
     """The request body as bytes when it is small or must be replayable
     (retries, fallback: up to ``replay_bytes``), else as a stream.
 
-    A chunked body is read up to ``replay_bytes``; if it is longer, what was
-    read becomes the prefix of the stream and the body is not replayable.
+    A chunked body is read up to ``replay_bytes``; if it goes on past that,
+    what was read becomes the prefix of the stream and the body is not
+    replayable (one that ended just past it is returned whole as bytes, and
+    `_replayable` still keeps it from being retried).
     """
     if not chunked:
         if content_length is None:
@@ -191,11 +194,11 @@ async def _request_body(
         return _StreamedBody(receive, limit)
     if replay_bytes <= 0:
         return _StreamedBody(receive, limit)
-    parts, received, done = await _read_up_to(receive, replay_bytes)
-    if done:
-        return b"".join(parts)
+    parts, received, ended = await _read_up_to(receive, replay_bytes)
     if received > limit:
         raise _BodyTooLarge()
+    if ended:  # whole, though possibly past replay_bytes (then never retried)
+        return b"".join(parts)
     return _StreamedBody(receive, limit, parts, received)
 
 
@@ -204,6 +207,14 @@ def _may_fall_back(fallback: str, backend: str, body: bytes | _StreamedBody | No
     if fallback == backend:
         return False
     return not isinstance(body, _StreamedBody) or not body.started
+
+
+def _replayable(body: bytes | _StreamedBody | None, buffer_bytes: int) -> bool:
+    """Can the body be sent again? Only a buffered one within ``buffer_bytes``
+    (small bodies are read whole for speed, but retrying them is bounded the same)."""
+    if isinstance(body, _StreamedBody):
+        return False
+    return body is None or len(body) <= buffer_bytes
 
 
 def _raise_if_client_side(body: bytes | _StreamedBody | None) -> None:
@@ -432,11 +443,16 @@ class ProxyApp:
         when the failure was the client's.
         """
         policy = snap.policies[(route.name, backend)]
-        replayable = not isinstance(body, _StreamedBody)
         fallback = route.fallback
         try:
             resp = await snap.guards[backend].call(
-                snap.pools[backend], policy, method, target, headers, body, replayable=replayable
+                snap.pools[backend],
+                policy,
+                method,
+                target,
+                headers,
+                body,
+                replayable=_replayable(body, policy.buffer_bytes),
             )
         except UpstreamError as exc:
             _raise_if_client_side(body)
@@ -463,15 +479,16 @@ class ProxyApp:
         pool = snap.pools[fallback]
         if not route.preserve_host:
             headers = [(b"host", pool.host_header), *headers[1:]]
+        fallback_policy = snap.policies[(route.name, fallback)]
         try:
             resp = await snap.guards[fallback].call(
                 pool,
-                snap.policies[(route.name, fallback)],
+                fallback_policy,
                 method,
                 target,
                 headers,
                 body,
-                replayable=replayable,
+                replayable=_replayable(body, fallback_policy.buffer_bytes),
             )
         except UpstreamError as exc:
             _raise_if_client_side(body)
