@@ -7,7 +7,9 @@ monolith, and lets a platform team move traffic route by route while it runs.
 from __future__ import annotations
 
 from strangler.exceptions import (
+    CircuitOpen,
     ConfigError,
+    StartupError,
     StranglerError,
     UpstreamConnectError,
     UpstreamError,
@@ -18,7 +20,9 @@ from strangler.exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CircuitOpen",
     "ConfigError",
+    "StartupError",
     "StranglerError",
     "UpstreamConnectError",
     "UpstreamError",

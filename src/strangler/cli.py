@@ -67,8 +67,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from strangler import logs
-    from strangler.exceptions import ConfigError
-    from strangler.server import ServeOptions, StartupError, serve
+    from strangler.exceptions import ConfigError, StartupError
+    from strangler.server import ServeOptions, serve
 
     routes = args.routes or os.environ.get("STRANGLER_ROUTES")
     if not routes:

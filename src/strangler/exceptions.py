@@ -6,6 +6,7 @@ know which library raised::
 
     StranglerError
     ├── ConfigError                  the route file is unreadable or invalid
+    ├── StartupError                 the gateway cannot start (a port is taken)
     └── UpstreamError                a backend could not give us a response
         ├── UpstreamConnectError     refused, unreachable, DNS: nothing was sent
         ├── UpstreamTimeout          connect, read, per-try or deadline timeout
@@ -35,6 +36,10 @@ class ConfigError(StranglerError):
     def __init__(self, messages: list[str]) -> None:
         self.messages = list(messages)
         super().__init__("\n".join(self.messages))
+
+
+class StartupError(StranglerError):
+    """The gateway cannot start (a port is taken, ...); the message says why."""
 
 
 class UpstreamError(StranglerError):

@@ -42,11 +42,13 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from strangler.exceptions import StartupError
+
 if TYPE_CHECKING:
     from strangler.config import RouteFile
     from strangler.runtime import Runtime
 
-__all__ = ["ServeOptions", "StartupError", "serve"]
+__all__ = ["ServeOptions", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,6 @@ class ServeOptions:
     access_log: bool = False
     log_format: str = "text"
     log_level: str = "INFO"
-
-
-class StartupError(Exception):
-    """The gateway cannot start (a port is taken, ...); the message says why."""
 
 
 class _Server(uvicorn.Server):
