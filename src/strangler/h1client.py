@@ -95,6 +95,13 @@ class _Unexpected(Exception):
     """A message the pool did not ask for: a second response, or 101."""
 
 
+#: While a request waits, its connection's timer fires at least this often and
+#: re-arms itself. A deadline further away than one tick (a per-try timeout of
+#: 250 ms or more) then never needs the timer cancelled and scheduled again:
+#: a few timer callbacks per second per busy connection instead of two timer
+#: operations per request.
+_TIMER_TICK = 0.25
+
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -111,9 +118,9 @@ class _Connection(asyncio.Protocol):
 
     Read timeouts use one lazily rescheduled timer per connection instead of a
     timer per wait: each wait moves ``_deadline`` forward, and the timer, when
-    it fires, either re-arms itself for the new deadline or declares the
-    timeout. A busy connection therefore creates about one timer handle per
-    ``read_timeout`` interval rather than one per chunk.
+    it fires, either re-arms itself (at most `_TIMER_TICK` ahead) or declares
+    the timeout. A busy connection therefore creates a few timer handles per
+    second rather than one per chunk, whatever the deadlines.
     """
 
     __slots__ = (
@@ -353,7 +360,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = deadline
         timer = self._timer
         if timer is None:
-            self._timer = loop.call_at(deadline, self._on_timer)
+            self._timer = loop.call_at(min(deadline, loop.time() + _TIMER_TICK), self._on_timer)
         elif timer.when() > deadline + 0.001:
             timer.cancel()
             self._timer = loop.call_at(deadline, self._on_timer)
@@ -367,9 +374,10 @@ class _Connection(asyncio.Protocol):
         w = self._waiter
         if w is None or w.done() or self._closed:
             return
-        # Timers may fire a little early (uvloop rounds to milliseconds).
-        if self._deadline - self._loop.time() > 0.001:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        # Not due yet (a tick, or uvloop firing a little early: it rounds to ms).
+        now = self._loop.time()
+        if self._deadline - now > 0.001:
+            self._timer = self._loop.call_at(min(self._deadline, now + _TIMER_TICK), self._on_timer)
             return
         self._timed_out = True
         w.set_result(None)
