@@ -41,6 +41,7 @@ from multiprocessing.context import SpawnProcess
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from strangler.exceptions import StartupError
 
@@ -79,13 +80,60 @@ class _Server(uvicorn.Server):
         yield
 
 
+class _CoalescingTransport:
+    """A transport that joins the writes of one event-loop turn into one.
+
+    uvicorn writes a response's head and its body with two ``write`` calls,
+    which on a kept-alive socket are two ``send`` syscalls: the biggest cost
+    of a small proxied response. Writes are buffered until the end of the
+    current loop turn (``call_soon``) and sent together; ``close`` flushes
+    first. Flow control is unchanged: the real transport still sees every
+    byte within the same turn and pauses the protocol as before. Everything
+    else is delegated.
+    """
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        if not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _ProxyHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with one write per response (see above)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
+
+
 def _uvicorn_config(app: Any, host: str, port: int, **kw: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="none",
-        http="httptools",
+        http=kw.pop("http", "httptools"),
         lifespan="off",
         access_log=False,
         log_config=None,
@@ -186,6 +234,7 @@ async def _serve_single(opts: ServeOptions) -> int:
             proxy,
             opts.host or "0.0.0.0",
             opts.port,
+            http=_ProxyHttpProtocol,
             timeout_keep_alive=int(cfg.server.keepalive_timeout),
             # seconds as a float (uvicorn waits with asyncio.wait_for); None would wait forever
             timeout_graceful_shutdown=_drain_seconds(opts),
@@ -272,6 +321,7 @@ async def _worker_serve(
             proxy,
             opts.host or "0.0.0.0",
             opts.port or 8080,
+            http=_ProxyHttpProtocol,
             timeout_keep_alive=int(cfg.server.keepalive_timeout),
             timeout_graceful_shutdown=_drain_seconds(opts),
         )
