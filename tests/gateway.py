@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 import httpx
 import yaml
 
-from legacy_stub.testing import free_port, wait_http
+from legacy_stub.testing import free_port, stop_stub, wait_http
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -118,16 +117,10 @@ class GatewayProcess:
         proc = self.proc
         if proc is None:
             return 0
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        code = stop_stub(proc, timeout)  # SIGTERM, wait, SIGKILL if it hangs
         if self._tee is not None:
             self._tee.join(5)
-        return int(proc.returncode)
+        return code
 
     def log(self) -> str:
         """What the gateway has written to stderr so far."""
