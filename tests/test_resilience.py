@@ -799,7 +799,7 @@ def test_gateways_keep_serving_without_redis_and_share_again_when_it_returns(
     for gw in (a, b):
         with httpx.Client(base_url=gw.url, timeout=TIMEOUT) as client:
             assert [client.get(f"/ok/{i}").status_code for i in range(30)] == [200] * 30
-    # Breakers still work locally (but are not shared).
+    # Breakers still work locally (not shared while Redis is gone).
     for _ in range(3):
         httpx.get(a.url + "/bad/x", timeout=TIMEOUT)
     assert_circuit_open(httpx.get(a.url + "/bad/x", timeout=TIMEOUT))
@@ -822,6 +822,8 @@ def test_gateways_keep_serving_without_redis_and_share_again_when_it_returns(
     for gw in (a, b):
         wait_for(lambda gw=gw: backends_view(gw)["redis"]["up"], 8, "redis seen up again")
         gw.wait_log("redis is back")
+    # The breaker A opened during the outage is published now, and B follows.
+    wait_for(lambda: breaker_of(b, "bad")["state"] == "open", 3, "B's bad breaker opened")
     for _ in range(3):
         httpx.get(a.url + "/bad2/x", timeout=TIMEOUT)
     took = wait_for(lambda: breaker_of(b, "bad2")["state"] == "open", 3, "B's bad2 breaker opened")

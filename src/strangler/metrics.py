@@ -114,7 +114,7 @@ BREAKER_TRANSITIONS = Counter(
 RETRIES = Counter(
     "strangler_retries_total",
     "Retry decisions by backend and outcome: retried, or why not (budget_exhausted, "
-    "skipped_body, skipped_retry_after, deadline, exhausted).",
+    "skipped_body, skipped_retry_after, deadline, exhausted, breaker_open).",
     ["backend", "outcome"],
 )
 FALLBACKS = Counter(
@@ -207,9 +207,7 @@ def backend_summary() -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
 
     def entry(backend: str) -> dict[str, object]:
-        return out.setdefault(
-            backend, {"breaker": None, "upstream_errors": {}, "retries": {}}
-        )
+        return out.setdefault(backend, {"breaker": None, "upstream_errors": {}, "retries": {}})
 
     for family in registry.collect():
         for sample in family.samples:

@@ -142,6 +142,8 @@ class Breaker:
         self.state = CLOSED
         self.opened_at = 0.0  # monotonic
         self.open_until_wall = 0.0
+        #: Opened here and not yet known to Redis (it was down): publish later.
+        self.unpublished = False
         self._trial = False
         self._remote = False
         self._on_open = on_open
@@ -231,9 +233,11 @@ class Breaker:
                 self.settings.reset_timeout,
             )
             if not remote and self._on_open is not None:
+                self.unpublished = True
                 self._on_open(self)
         else:
             logger.warning("breaker %s: %s → %s", self.backend, old, new)
+            self.unpublished = False
             if new == CLOSED:
                 self._trial = False
 
@@ -428,13 +432,15 @@ class Guard:
             try:
                 if not isinstance(outcome, UpstreamError):
                     outcome.release()
-                self._count_retry("retried")
                 if delay > 0:
                     await asyncio.sleep(delay)
                 attempt += 1
                 outcome = await self._try(pool, policy, method, target, headers, body, deadline_at)
             finally:
                 self.budget.release()
+            # Counted once it is known whether the retry left: an open breaker
+            # (opened by the failures just before it) keeps it in.
+            self._count_retry("breaker_open" if isinstance(outcome, CircuitOpen) else "retried")
             if isinstance(outcome, UpstreamError):
                 if not self._retryable(outcome, policy, method):
                     raise outcome

@@ -100,10 +100,17 @@ class SharedState:
         return f"{self.prefix}breaker:{backend}"
 
     async def publish_open(self, breaker: Breaker) -> None:
-        ttl_ms = max(1, int((breaker.open_until_wall - time.time()) * 1000))
+        """Tell the other replicas; a breaker still open after a Redis outage is
+        published again by `sync_breakers` (``breaker.unpublished``)."""
+        ttl_ms = int((breaker.open_until_wall - time.time()) * 1000)
+        if ttl_ms <= 0:
+            breaker.unpublished = False
+            return
         key = self._breaker_key(breaker.backend)
         value = f"{breaker.open_until_wall:.3f}"
-        await self.run("publish breaker", lambda: self.redis.set(key, value, px=ttl_ms))
+        done = await self.run("publish breaker", lambda: self.redis.set(key, value, px=ttl_ms))
+        if done:
+            breaker.unpublished = False
 
     async def open_breakers(self, backends: Iterable[str]) -> dict[str, float]:
         names = list(backends)
@@ -132,6 +139,10 @@ class SharedState:
                 guard = current.get(name)
                 if guard is not None and guard.breaker is not None:
                     guard.breaker.force_open(until)
+            for guard in current.values():
+                breaker = guard.breaker
+                if breaker is not None and breaker.unpublished and breaker.state == "open":
+                    await self.publish_open(breaker)
 
     async def close(self) -> None:
         try:
