@@ -677,6 +677,3 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "strangler route file"
     return schema
-
-
-LogFormat = Literal["json", "text"]

@@ -142,9 +142,6 @@ class Runtime:
         self._current: Snapshot | None = None
         self.last_error: tuple[str, ...] = ()
         self.last_error_at: float | None = None
-        self.last_reload_ok_at: float | None = None
-        self.reloads_ok = 0
-        self.reloads_failed = 0
 
     # ------------------------------------------------------------------ access
 
@@ -218,7 +215,6 @@ class Runtime:
                 self._signature = signature
                 self.last_error = tuple(exc.messages)
                 self.last_error_at = time.time()
-                self.reloads_failed += 1
                 if self._publish_metrics:
                     metrics.CONFIG_RELOADS.labels("failed").inc()
                 logger.error(
@@ -239,7 +235,6 @@ class Runtime:
                 logger.warning("%s", w)
             await self._install(cfg)
             self.last_error = ()
-            self.reloads_ok += 1
             if self._publish_metrics:
                 metrics.CONFIG_RELOADS.labels("ok").inc()
             logger.info("reload (%s): generation %d", reason, self.current.generation)
@@ -295,7 +290,6 @@ class Runtime:
             access_log=self._access_log,
         )
         self._current = snap
-        self.last_reload_ok_at = snap.loaded_at
         if self._publish_metrics:
             metrics.CONFIG_GENERATION.set(snap.generation)
             metrics.set_weights(

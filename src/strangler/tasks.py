@@ -14,7 +14,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["cancel_all", "running", "spawn"]
+__all__ = ["cancel_all", "spawn"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ def spawn(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     _tasks.add(task)
     task.add_done_callback(_finished)
     return task
-
-
-def running() -> int:
-    """How many background tasks are alive (for metrics and tests)."""
-    return len(_tasks)
 
 
 async def cancel_all() -> None:

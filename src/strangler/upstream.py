@@ -48,7 +48,6 @@ __all__ = [
     "Forwarding",
     "H1UpstreamPool",
     "Pool",
-    "UpstreamPool",
     "UpstreamResponse",
     "build_request_headers",
     "clean_response_headers",
@@ -537,9 +536,6 @@ class AiohttpPool(_PoolBase):
         if session is not None:
             await session.close()
 
-
-#: The default client; ``client: aiohttp`` on a backend selects `AiohttpPool`.
-UpstreamPool = H1UpstreamPool
 
 CLIENTS: dict[str, type[H1UpstreamPool] | type[AiohttpPool]] = {
     "h1": H1UpstreamPool,
