@@ -162,6 +162,70 @@ async def cookies(request: web.Request) -> web.Response:
     return response
 
 
+CACHEABLE_KEY = web.AppKey("cacheable_hits", dict)
+
+
+async def cacheable(request: web.Request) -> web.StreamResponse:
+    """A response whose caching headers the query sets, for cache tests.
+
+    ``?h=Name:Value`` (repeatable) adds a response header; ``?status=N`` sets
+    the status; ``?size=N`` pads the body to about N bytes. Conditional
+    requests are answered 304 when ``If-None-Match`` matches the ETag set or
+    ``If-Modified-Since`` is not older than the Last-Modified set. The body
+    counts the hits on this exact target (``n``) and echoes the request's
+    ``Accept-Language`` and ``Authorization`` presence, so a test can tell a
+    cached answer from a fresh one.
+    """
+    hits: dict[str, int] = request.app[CACHEABLE_KEY]
+    target = request.raw_path
+    hits[target] = hits.get(target, 0) + 1
+    headers: list[tuple[str, str]] = []
+    for item in request.query.getall("h", []):
+        name, sep, value = item.partition(":")
+        if sep:
+            headers.append((name.strip(), value.strip()))
+    names = {n.lower(): v for n, v in headers}
+    etag = names.get("etag")
+    inm = request.headers.get("If-None-Match")
+    lm = names.get("last-modified")
+    ims = request.headers.get("If-Modified-Since")
+    not_modified = False
+    if inm is not None and etag is not None:
+        not_modified = etag in [t.strip() for t in inm.split(",")]
+    elif ims is not None and lm is not None:
+        since = parsedate_to_datetime_or_none(ims)
+        modified = parsedate_to_datetime_or_none(lm)
+        not_modified = since is not None and modified is not None and modified <= since
+    if not_modified:
+        response = web.Response(status=304)
+    else:
+        code = int(request.query.get("status", "200"))
+        payload = {
+            "service": request.app[SERVICE_KEY],
+            "target": target,
+            "n": hits[target],
+            "accept_language": request.headers.get("Accept-Language"),
+            "authorized": "Authorization" in request.headers,
+            "method": request.method,
+        }
+        size = int(request.query.get("size", "0"))
+        if size:
+            payload["pad"] = "x" * size
+        response = web.json_response(payload, status=code)
+    for name, value in headers:
+        response.headers.add(name, value)
+    return response
+
+
+def parsedate_to_datetime_or_none(value: str) -> Any:
+    import email.utils
+
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def install_common(app: web.Application, service: str) -> None:
     """Register ``/healthz`` and the ``/__stub`` test endpoints."""
     app[SERVICE_KEY] = service
@@ -170,3 +234,5 @@ def install_common(app: web.Application, service: str) -> None:
     app.router.add_route("*", "/__stub/echo/{tail:.*}", echo)
     app.router.add_route("*", r"/__stub/status/{code}", status)
     app.router.add_get("/__stub/cookies", cookies)
+    app[CACHEABLE_KEY] = {}
+    app.router.add_route("*", "/__stub/cacheable/{tail:.*}", cacheable)

@@ -47,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 LOADTESTS_DIR = Path(__file__).resolve().parent
@@ -95,6 +95,8 @@ class Scenario:
 
     routes_yaml: str
     path: str = "/"
+    #: A wrk Lua script (text) shaping the requests, for both proxies; None: plain GETs of path.
+    wrk_script: str | None = None
 
 
 ScenarioFactory = Callable[[ScenarioContext], Scenario]
@@ -156,6 +158,54 @@ def resilience_scenario(ctx: ScenarioContext) -> Scenario:
         """
     )
     return Scenario(routes_yaml=server_block(ctx) + fast_backend_block(ctx) + routes)
+
+
+@scenario("cache-hit")
+def cache_hit_scenario(ctx: ScenarioContext) -> Scenario:
+    """Every request is a hit in the in-process cache layer (the origin says max-age=3600).
+    nginx is measured proxying the same path without caching: the issue's yardstick."""
+    routes = textwrap.dedent(
+        """\
+        routes:
+          - name: bench
+            match: {path_prefix: /}
+            backends: [{name: fast, weight: 100}]
+            cache: {mode: http}
+        """
+    )
+    return Scenario(
+        routes_yaml=server_block(ctx) + fast_backend_block(ctx) + routes, path="/cached"
+    )
+
+
+#: Each request asks for a new URL, so every one is a cache miss that is then stored.
+UNIQUE_URLS_LUA = """\
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/cached?n=" .. counter .. "-" .. math.random(1000000000))
+end
+"""
+
+
+@scenario("cache-miss")
+def cache_miss_scenario(ctx: ScenarioContext) -> Scenario:
+    """Every request misses (a new URL each time), is fetched, stored and answered: the miss
+    path's cost over `plain`. The in-process layer evicts as it fills."""
+    routes = textwrap.dedent(
+        """\
+        routes:
+          - name: bench
+            match: {path_prefix: /}
+            backends: [{name: fast, weight: 100}]
+            cache: {mode: http}
+        """
+    )
+    return Scenario(
+        routes_yaml=server_block(ctx) + fast_backend_block(ctx) + routes,
+        path="/cached",
+        wrk_script=UNIQUE_URLS_LUA,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,6 +511,11 @@ def backend_conf(prefix: Path, port: int) -> str:
                 default_type application/json;
                 return 200 '{BACKEND_BODY}';
             }}
+            location /cached {{
+                default_type application/json;
+                add_header Cache-Control "max-age=3600";
+                return 200 '{BACKEND_BODY}';
+            }}
         }}
         """
     )
@@ -521,6 +576,8 @@ class LoadSpec:
     threads: int
     connections: int
     duration: int
+    #: Path of a wrk Lua script shaping the requests (the scenario's ``wrk_script``).
+    script: str | None = None
 
 
 def run_wrk(spec: LoadSpec, url: str, duration: int) -> WrkResult:
@@ -531,6 +588,7 @@ def run_wrk(spec: LoadSpec, url: str, duration: int) -> WrkResult:
         f"-c{spec.connections}",
         f"-d{duration}s",
         "--latency",
+        *(["-s", spec.script] if spec.script else []),
         url,
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
@@ -551,7 +609,9 @@ def measure(name: str, spec: LoadSpec, url: str) -> WrkResult:
     # Under saturation p50 is mostly queueing (about connections / throughput);
     # one connection shows what a single request costs on its own.
     log(f"{name}: measuring {UNLOADED_SECONDS}s with 1 connection (latency without queueing)")
-    single = LoadSpec(wrk=spec.wrk, threads=1, connections=1, duration=UNLOADED_SECONDS)
+    single = LoadSpec(
+        wrk=spec.wrk, threads=1, connections=1, duration=UNLOADED_SECONDS, script=spec.script
+    )
     result.unloaded_p50_ms = run_wrk(single, url, UNLOADED_SECONDS).p50_ms
     if result.errors:
         log(
@@ -783,10 +843,15 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, WrkResult] = {}
     profile_path: Path | None = None
     # nginx must request the same path as the gateway; the path never depends on the ports.
-    path = SCENARIOS[args.scenario](ScenarioContext("http://unused", 0, 0)).path
+    shape = SCENARIOS[args.scenario](ScenarioContext("http://unused", 0, 0))
+    path = shape.path
 
     with tempfile.TemporaryDirectory(prefix="strangler-bench-") as tmp:
         workdir = Path(tmp)
+        if shape.wrk_script is not None:
+            script = workdir / "requests.lua"
+            script.write_text(shape.wrk_script)
+            spec = replace(spec, script=str(script))
         backend_port = free_port()
         backend = lambda prefix: backend_conf(prefix, backend_port)  # noqa: E731
         with start_nginx(nginx, workdir, "backend", backend) as backend_proc:

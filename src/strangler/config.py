@@ -43,6 +43,7 @@ from strangler.exceptions import ConfigError
 __all__ = [
     "Backend",
     "Breaker",
+    "Cache",
     "Retry",
     "RetryBudget",
     "RetryOverride",
@@ -346,6 +347,88 @@ class Rewrite(_Model):
         return self
 
 
+_IGNORE_QUERY_RE = re.compile(r"^[A-Za-z0-9_.~*\[\]-]+$")
+
+
+class Cache(_Model):
+    """Response caching on a route (GET and HEAD only).
+
+    ``mode: http`` caches as a shared cache under RFC 9111: the origin's
+    ``Cache-Control`` / ``Expires`` decide. ``mode: ttl`` makes every
+    response that may be stored fresh for ``ttl``, for origins that send no
+    cache headers (``no-store``, ``private`` and ``Set-Cookie`` still keep a
+    response out).
+    """
+
+    mode: Literal["http", "ttl"] = "http"
+    ttl: Duration | None = Field(default=None, description="Freshness in ttl mode (required).")
+    vary: list[str] = Field(
+        default_factory=list,
+        description="Request headers added to the key of every entry (besides the origin's Vary).",
+    )
+    ignore_query: list[str] = Field(
+        default_factory=list,
+        description="Query parameters left out of the key; '*' globs (utm_*).",
+    )
+    max_object_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="Larger responses stream through and are not stored.",
+    )
+    stale_while_revalidate: Duration = Field(
+        default=0.0,
+        description="Serve a stale entry at once for this long past its freshness, "
+        "refreshing it in the background.",
+    )
+    stale_if_error: Duration = Field(
+        default=0.0,
+        description="Serve a stale entry for this long past its freshness when the "
+        "backend fails, times out or its breaker is open.",
+    )
+    shared_backends: bool = Field(
+        default=False,
+        description="The route's backends answer alike: share entries between them "
+        "(by default each backend's answers are cached apart).",
+    )
+    store_set_cookie: bool = Field(
+        default=False,
+        description="Store responses carrying Set-Cookie (the stored copy drops it).",
+    )
+    heuristic: bool = Field(
+        default=False,
+        description="Heuristic freshness (10% of Last-Modified age) for responses "
+        "without explicit freshness.",
+    )
+    lock_timeout: Duration = Field(
+        default=2.0,
+        gt=0,
+        description="How long concurrent misses wait for the one request that fills "
+        "the entry (and the expiry of the fill lock in Redis).",
+    )
+
+    @field_validator("vary")
+    @classmethod
+    def _check_vary(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError(f"invalid header name {name!r}")
+        return sorted({name.lower() for name in v})
+
+    @field_validator("ignore_query")
+    @classmethod
+    def _check_ignore_query(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _IGNORE_QUERY_RE.match(name):
+                raise ValueError(f"invalid query parameter name {name!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ttl_mode_needs_ttl(self) -> Cache:
+        if self.mode == "ttl" and not self.ttl:
+            raise ValueError("mode ttl needs a ttl greater than 0")
+        return self
+
+
 class Route(_Model):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
     match: Match
@@ -365,6 +448,7 @@ class Route(_Model):
     retry: RetryOverride | None = Field(
         default=None, description="Overrides of the backends' retry policies on this route."
     )
+    cache: Cache | None = Field(default=None, description="Cache responses (GET/HEAD).")
 
 
 class Limits(_Model):
@@ -395,6 +479,11 @@ class Server(_Model):
         "idle timeout (60 s).",
     )
     reload_interval: Duration = Field(default=1.0, gt=0, description="Route-file poll period.")
+    cache_memory_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Bound of the in-process cache layer in front of Redis (per process).",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -132,6 +133,55 @@ INFLIGHT = Gauge(
     "Requests being proxied right now.",
     multiprocess_mode="livesum",
 )
+CACHE_REQUESTS = Counter(
+    "strangler_cache_requests_total",
+    "Cacheable requests by route and result: hit, miss, stale (served stale), "
+    "revalidated (a 304 refreshed the entry), bypass (not served from the cache: "
+    "method, Range, Authorization, request no-store).",
+    ["route", "result"],
+)
+CACHE_STALE = Counter(
+    "strangler_cache_stale_total",
+    "Stale entries served, by route and reason (while_revalidate, if_error).",
+    ["route", "reason"],
+)
+CACHE_STORES = Counter(
+    "strangler_cache_stores_total",
+    "Entries stored, by route and layer (memory, redis).",
+    ["route", "layer"],
+)
+CACHE_NOT_STORED = Counter(
+    "strangler_cache_not_stored_total",
+    "Responses not stored, by route and reason (no-store, private, set-cookie, "
+    "vary-star, authorization, no-freshness, status, too_large, redis_busy).",
+    ["route", "reason"],
+)
+CACHE_EVICTIONS = Counter(
+    "strangler_cache_evictions_total",
+    "Entries evicted from the in-process layer to stay within its bound, by route.",
+    ["route"],
+)
+CACHE_INVALIDATIONS = Counter(
+    "strangler_cache_invalidations_total",
+    "Cache invalidations by route and cause (unsafe_method, purge).",
+    ["route", "cause"],
+)
+CACHE_COALESCED = Counter(
+    "strangler_cache_coalesced_total",
+    "Misses that waited for another request filling the same entry, by route and "
+    "outcome (served, gave_up).",
+    ["route", "outcome"],
+)
+CACHE_REDIS_BYPASS = Counter(
+    "strangler_cache_redis_unavailable_total",
+    "Cache lookups and stores that went without Redis because it was unavailable.",
+    ["op"],
+)
+CACHE_MEMORY_BYTES = Gauge(
+    "strangler_cache_memory_bytes",
+    "Bytes held by the in-process cache layer.",
+    multiprocess_mode="livesum",
+)
 CONFIG_GENERATION = Gauge(
     "strangler_config_generation",
     "Number of the route-file snapshot in use (1 at start, +1 per successful reload).",
@@ -169,6 +219,17 @@ def children(route: str, backend: str) -> RouteMetrics:
             by_class=classes, duration=REQUEST_DURATION.labels(route, backend)
         )
     return m
+
+
+_cache_results: dict[tuple[str, str], Any] = {}
+
+
+def cache_result(route: str, result: str) -> Any:
+    """The cached ``strangler_cache_requests_total`` child (hit path: no ``labels``)."""
+    child = _cache_results.get((route, result))
+    if child is None:
+        child = _cache_results[(route, result)] = CACHE_REQUESTS.labels(route, result)
+    return child
 
 
 _weights: dict[str, dict[str, int]] = {}

@@ -36,6 +36,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from strangler import metrics, tasks
+from strangler.cache import (
+    Entry,
+    Freshness,
+    RequestInfo,
+    RoutePolicy,
+    is_unsafe,
+    not_modified_headers,
+)
 from strangler.exceptions import CircuitOpen, UpstreamError
 from strangler.routing import BadPath, CompiledRoute, normalize_path
 from strangler.runtime import Runtime, Snapshot
@@ -55,6 +63,9 @@ HEALTH_PATH = b"/__strangler/healthz"
 _SMALL_BODY = 64 * 1024
 _VIA = (b"via", b"1.1 strangler")
 _JSON = (b"content-type", b"application/json")
+_CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-range"})
+_STALE = (b"warning", b'110 - "Response is Stale"')
+_REVALIDATION_FAILED = (b"warning", b'111 - "Revalidation Failed"')
 
 
 class _BodyTooLarge(Exception):
@@ -234,6 +245,133 @@ async def _watch_disconnect(receive: Receive) -> None:
             return
 
 
+class _CacheableRequest:
+    """What the cache path needs of one GET/HEAD request on a caching route."""
+
+    __slots__ = (
+        "scope", "method", "path", "raw_host", "host", "query", "target", "headers", "peer",
+        "route", "backend", "request_id", "started", "receive", "background",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        scope: Scope,
+        method: str,
+        path: str,
+        raw_host: bytes,
+        host: str,
+        query: bytes,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        peer: str | None,
+        route: CompiledRoute,
+        backend: str,
+        request_id: str,
+        started: float,
+        receive: Receive,
+        background: bool = False,
+    ) -> None:
+        self.scope = scope
+        self.method = method
+        self.path = path
+        self.raw_host = raw_host
+        self.host = host
+        self.query = query
+        self.target = target
+        self.headers = headers
+        self.peer = peer
+        self.route = route
+        self.backend = backend
+        self.request_id = request_id
+        self.started = started
+        self.receive = receive
+        #: A stale-while-revalidate refresh: no client, no request metrics.
+        self.background = background
+
+    def for_refresh(self) -> _CacheableRequest:
+        return _CacheableRequest(
+            self.scope, self.method, self.path, self.raw_host, self.host, self.query, self.target,
+            self.headers, self.peer, self.route, self.backend, self.request_id, self.started,
+            _never_disconnects, background=True,
+        )  # fmt: skip
+
+    def upstream_headers(self, snap: Snapshot) -> list[tuple[bytes, bytes]]:
+        """The headers to send the backend, without the client's conditionals
+        (the cache makes its own, and answers the client's itself)."""
+        pool = snap.pools[self.backend]
+        headers = build_request_headers(
+            self.headers,
+            host=self.raw_host if self.route.preserve_host and self.raw_host else pool.host_header,
+            peer=self.peer,
+            scheme=self.scope.get("scheme", "http"),
+            request_id=self.request_id.encode(),
+            forwarding=snap.forwarding,
+        )
+        return [(n, v) for n, v in headers if n not in _CONDITIONAL]
+
+
+async def _never_disconnects() -> Message:
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
+
+
+async def _discard(message: Message) -> None:
+    """``send`` for a background refresh: nobody is waiting for the answer."""
+
+
+def _fits(headers: list[tuple[bytes, bytes]], bound: int) -> bool:
+    """Could the body fit in ``bound`` (unknown lengths are read to find out)?"""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value) <= bound
+            except ValueError:
+                return False
+    return True
+
+
+async def _read_body(resp: UpstreamResponse, bound: int) -> tuple[list[bytes], bool]:
+    """Read the response body up to ``bound`` bytes: (chunks, complete)."""
+    parts: list[bytes] = []
+    size = 0
+    while not resp.at_eof():
+        chunk = await resp.read_chunk()
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+        if size > bound:
+            return parts, False
+    return parts, True
+
+
+def _with_length(
+    headers: list[tuple[bytes, bytes]], body: list[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The headers to store: with a Content-Length for the whole body."""
+    if any(n == b"content-length" for n, _ in headers):
+        return headers
+    return [*headers, (b"content-length", str(sum(map(len, body))).encode())]
+
+
+def _same_origin_target(url: str, host: str) -> tuple[str, bytes] | None:
+    """(path, query) of a Location on the request's own host, else None."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme and parts.scheme not in ("http", "https"):
+        return None
+    if parts.netloc and _hostname(parts.netloc.encode("latin-1")) != host:
+        return None
+    if not parts.path.startswith("/"):
+        return None
+    try:
+        norm = normalize_path(parts.path.encode("latin-1"))
+    except (BadPath, UnicodeError):
+        return None
+    return norm.path, parts.query.encode("latin-1")
+
+
 class ProxyApp:
     """The ASGI callable for the proxy port."""
 
@@ -317,7 +455,8 @@ class ProxyApp:
         path = norm.path
 
         # 3. Match a route on the snapshot this request started with.
-        route = snap.table.match(method, _hostname(host), path, headers)
+        hostname = _hostname(host)
+        route = snap.table.match(method, hostname, path, headers)
         if route is None:
             await self._reject(
                 send, 404, "no_route", f"no route matches {method} {path}", request_id
@@ -335,11 +474,26 @@ class ProxyApp:
         backend = route.choose(headers, client_ip, override)
         pool = snap.pools[backend]
 
-        # 5. Call it under breaker, retries and deadline; fall back when allowed.
         query: bytes = scope.get("query_string", b"")
         target = route.rewrite(path)
         if query:
             target = f"{target}?{query.decode('latin-1')}"
+
+        # 5a. GET/HEAD on a caching route: answer from the cache, or fill it.
+        cache_policy = snap.caches.get(route.name) if snap.caches else None
+        if (
+            cache_policy is not None
+            and (method == "GET" or method == "HEAD")
+            and content_length is None
+            and not chunked
+        ):
+            request = _CacheableRequest(
+                scope, method, path, host, hostname, query, target, headers, peer, route,
+                backend, request_id, started, receive,
+            )  # fmt: skip
+            if await self._cached(snap, cache_policy, request, send):
+                return
+
         upstream_headers = build_request_headers(
             headers,
             host=host if route.preserve_host and host else pool.host_header,
@@ -348,6 +502,8 @@ class ProxyApp:
             request_id=rid,
             forwarding=snap.forwarding,
         )
+
+        # 5b. Call it under breaker, retries and deadline; fall back when allowed.
         policy = snap.policies[(route.name, backend)]
         try:
             body = await _request_body(
@@ -403,8 +559,11 @@ class ProxyApp:
                 await self._error(send, exc, request_id, route.name if snap.debug_headers else None)
                 return
 
-            # 6. Stream the response back.
+            # 6. Stream the response back (a successful unsafe method first
+            # invalidates what the cache holds for its URI).
             status = resp.status
+            if snap.caches and is_unsafe(method) and status < 400:
+                await self._invalidate(snap, hostname, path, query, resp.headers, headers)
             out_headers = clean_response_headers(resp.headers)
             out_headers.append((b"x-request-id", rid))
             out_headers.append(_VIA)
@@ -505,14 +664,23 @@ class ProxyApp:
         receive: Receive,
         send: Send,
         body: bytes | _StreamedBody | None,
+        prefix: list[bytes] | None = None,
     ) -> int:
-        """Send the upstream response to the client; returns the status to record."""
+        """Send the upstream response to the client; returns the status to record.
+        ``prefix`` holds body chunks already read (by the cache)."""
         watcher: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if method == "HEAD" or status in (204, 304):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return status
+            if prefix:
+                last = resp.at_eof()
+                for i, chunk in enumerate(prefix):
+                    more = not last or i < len(prefix) - 1
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                if last:
+                    return status
             while True:
                 # Each chunk goes out as soon as it arrives (never held back
                 # for the next one: streamed responses such as server-sent
@@ -539,6 +707,305 @@ class ProxyApp:
             # connection: the client sees a truncated response, never a
             # complete-looking wrong one.
             resp.release()
+
+    # ------------------------------------------------------------------ cache
+
+    async def _cached(
+        self, snap: Snapshot, policy: RoutePolicy, req: _CacheableRequest, send: Send
+    ) -> bool:
+        """Serve a GET/HEAD on a caching route from the cache, or fill it.
+
+        Returns False when the cache stays out of it and the caller proxies
+        as usual: Range requests, ``Cache-Control: no-store``, HEAD misses,
+        and a miss whose fill by another request of this process gave
+        nothing usable within ``lock_timeout``.
+        """
+        cache = self.runtime.cache
+        info = RequestInfo.read(req.headers)
+        route = req.route.name
+        if info.range or info.control.has("no-store"):
+            metrics.cache_result(route, "bypass").inc()
+            return False
+        now = time.time()
+        key = policy.key(cache.prefix, req.backend, req.host, req.path, req.query)
+        entry = policy.select(await cache.lookup(key, now), req.headers)
+        if entry is not None and info.authorization and not policy.usable_with_authorization(entry):
+            entry = None
+        fresh: Freshness | None = None
+        if entry is not None:
+            fresh = policy.freshness(entry, info, now)
+            if fresh.fresh or fresh.serve_stale:
+                outcome, warning = "HIT", None
+                if not fresh.fresh:  # stale-while-revalidate: refresh once, in the background
+                    outcome, warning = "STALE", _STALE
+                    metrics.CACHE_STALE.labels(route, "while_revalidate").inc()
+                    if cache.flight(key) is None:
+                        refresh = self._fill(
+                            snap, policy, req.for_refresh(), info, key, cache.begin_flight(key),
+                            entry, Freshness(False, fresh.age), _discard,
+                        )  # fmt: skip
+                        tasks.spawn(refresh, name="cache-refresh")
+                metrics.cache_result(route, outcome.lower()).inc()
+                status = await self._serve_entry(
+                    snap, req, info, entry, fresh.age, outcome, send, warning
+                )
+                self._finish(snap, req, entry.backend, status)
+                return True
+        if info.control.has("only-if-cached"):
+            metrics.cache_result(route, "miss").inc()
+            await self._reject(send, 504, "not_cached", "not in the cache", req.request_id)
+            return True
+        if req.method == "HEAD" and entry is None:
+            metrics.cache_result(route, "miss").inc()
+            return False
+
+        # Another request of this process is filling the entry: wait for it.
+        flight = cache.flight(key)
+        if flight is None:
+            await self._fill(
+                snap, policy, req, info, key, cache.begin_flight(key), entry, fresh, send
+            )
+            return True
+        try:
+            got = await asyncio.wait_for(asyncio.shield(flight), policy.lock_timeout)
+        except TimeoutError:
+            got = None
+        if (
+            got is not None
+            and policy.select([got], req.headers) is not None
+            and (not info.authorization or policy.usable_with_authorization(got))
+        ):
+            metrics.CACHE_COALESCED.labels(route, "served").inc()
+            metrics.cache_result(route, "hit").inc()
+            status = await self._serve_entry(
+                snap, req, info, got, got.age(time.time()), "HIT", send
+            )
+            self._finish(snap, req, got.backend, status)
+            return True
+        metrics.CACHE_COALESCED.labels(route, "gave_up").inc()
+        metrics.cache_result(route, "miss").inc()
+        return False
+
+    async def _fill(
+        self,
+        snap: Snapshot,
+        policy: RoutePolicy,
+        req: _CacheableRequest,
+        info: RequestInfo,
+        key: str,
+        flight: asyncio.Future[Entry | None],
+        stale: Entry | None,
+        fresh: Freshness | None,
+        send: Send,
+    ) -> None:
+        """Fetch the response (conditionally when a stale entry has validators),
+        store it, and answer: the one request of this process that does, for
+        ``flight``'s key."""
+        cache = self.runtime.cache
+        route = req.route.name
+        stored: Entry | None = None
+        locked = False
+        served_by = req.backend
+        status = 502
+        if not req.background:
+            metrics.INFLIGHT.inc()
+        try:
+            if stale is None:
+                # A cold key: across replicas, one fetches and the others wait.
+                locked = await cache.fill_lock(key, policy.lock_timeout)
+                if not locked:
+                    entries = await cache.wait_for_fill(key, policy.lock_timeout, time.time)
+                    got = policy.select(entries, req.headers)
+                    if got is not None and policy.freshness(got, info, time.time()).fresh:
+                        stored = got
+                        metrics.CACHE_COALESCED.labels(route, "served").inc()
+                        metrics.cache_result(route, "hit").inc()
+                        served_by = got.backend
+                        status = await self._serve_entry(
+                            snap, req, info, got, got.age(time.time()), "HIT", send
+                        )
+                        return
+            headers = req.upstream_headers(snap)
+            if stale is not None:
+                if stale.etag is not None:
+                    headers.append((b"if-none-match", stale.etag))
+                if stale.last_modified is not None:
+                    headers.append((b"if-modified-since", stale.last_modified))
+            request_time = time.time()
+            try:
+                resp, served_by, fallback_reason = await self._call(
+                    snap, req.route, req.backend, req.method, req.target, headers, None
+                )
+            except UpstreamError as exc:
+                served_by = exc.backend
+                if stale is not None and fresh is not None and fresh.stale_on_error:
+                    status = await self._serve_stale_on_error(snap, req, info, stale, send)
+                    return
+                metrics.cache_result(route, "miss").inc()
+                status = exc.status
+                await self._error(send, exc, req.request_id, route if snap.debug_headers else None)
+                return
+            response_time = time.time()
+            if stale is not None and fresh is not None and fresh.stale_on_error:
+                if resp.status >= 500:
+                    resp.release()
+                    status = await self._serve_stale_on_error(snap, req, info, stale, send)
+                    return
+            out_headers = clean_response_headers(resp.headers)
+            if resp.status == 304 and stale is not None:
+                resp.release()
+                stored = policy.refreshed(stale, out_headers, request_time, response_time)
+                cache.store(key, route, stored)
+                metrics.cache_result(route, "revalidated").inc()
+                status = await self._serve_entry(
+                    snap, req, info, stored, stored.age(time.time()), "REVALIDATED", send
+                )
+                return
+            metrics.cache_result(route, "miss").inc()
+            status = resp.status
+            prefix: list[bytes] = []
+            if req.method == "GET" and _fits(out_headers, policy.max_object_bytes):
+                prefix, complete = await _read_body(resp, policy.max_object_bytes)
+                if complete:
+                    built = policy.build_entry(
+                        status=resp.status,
+                        headers=_with_length(out_headers, prefix),
+                        body=b"".join(prefix),
+                        request_headers=req.headers,
+                        request=info,
+                        request_time=request_time,
+                        response_time=response_time,
+                        backend=served_by,
+                    )
+                    if isinstance(built, Entry):
+                        stored = built
+                        if served_by != req.backend:  # the fallback answered: its own key
+                            key2 = policy.key(
+                                cache.prefix, served_by, req.host, req.path, req.query
+                            )
+                            cache.store(key2, route, built)
+                        else:
+                            cache.store(key, route, built)
+                    else:
+                        metrics.CACHE_NOT_STORED.labels(route, built).inc()
+                else:
+                    metrics.CACHE_NOT_STORED.labels(route, "too_large").inc()
+            elif req.method == "GET":
+                metrics.CACHE_NOT_STORED.labels(route, "too_large").inc()
+            self._decorate(snap, req, out_headers, served_by, "MISS", fallback_reason)
+            status = await self._stream(
+                resp, status, out_headers, req.method, req.receive, send, None, prefix
+            )
+        finally:
+            cache.end_flight(key, flight, stored)
+            if locked:
+                tasks.spawn(cache.release_lock(key), name="cache-unlock")
+            if not req.background:
+                metrics.INFLIGHT.dec()
+            self._finish(snap, req, served_by, status)
+
+    async def _serve_stale_on_error(
+        self,
+        snap: Snapshot,
+        req: _CacheableRequest,
+        info: RequestInfo,
+        entry: Entry,
+        send: Send,
+    ) -> int:
+        route = req.route.name
+        metrics.cache_result(route, "stale").inc()
+        metrics.CACHE_STALE.labels(route, "if_error").inc()
+        return await self._serve_entry(
+            snap, req, info, entry, entry.age(time.time()), "STALE", send, _REVALIDATION_FAILED
+        )
+
+    async def _serve_entry(
+        self,
+        snap: Snapshot,
+        req: _CacheableRequest,
+        info: RequestInfo,
+        entry: Entry,
+        age: float,
+        outcome: str,
+        send: Send,
+        warning: tuple[bytes, bytes] | None = None,
+    ) -> int:
+        """Answer from a stored entry, with its Age (and a 304 when the
+        client's conditional headers match it)."""
+        status = entry.status
+        if info.not_modified(entry):
+            status = 304
+            headers = not_modified_headers(entry)
+        else:
+            headers = list(entry.headers)
+        headers.append((b"age", str(int(age)).encode()))
+        if warning is not None:
+            headers.append(warning)
+        self._decorate(snap, req, headers, entry.backend, outcome, None)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        body = b"" if req.method == "HEAD" or status == 304 else entry.body
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return status
+
+    @staticmethod
+    def _decorate(
+        snap: Snapshot,
+        req: _CacheableRequest,
+        headers: list[tuple[bytes, bytes]],
+        backend: str,
+        outcome: str,
+        fallback_reason: str | None,
+    ) -> None:
+        headers.append((b"x-request-id", req.request_id.encode()))
+        headers.append(_VIA)
+        if fallback_reason is not None:
+            headers.append((b"x-strangler-fallback", fallback_reason.encode()))
+        if snap.debug_headers:
+            headers.append((b"x-strangler-cache", outcome.encode()))
+            headers.append((b"x-strangler-route", req.route.name.encode()))
+            headers.append((b"x-strangler-backend", backend.encode()))
+
+    def _finish(self, snap: Snapshot, req: _CacheableRequest, backend: str, status: int) -> None:
+        """Metrics and access log of a request the cache path answered."""
+        if req.background:
+            return
+        elapsed = time.perf_counter() - req.started
+        metrics.children(req.route.name, backend).observe(status, elapsed)
+        if snap.access_log:
+            self._log_access(
+                req.scope, req.method, req.path, req.route.name, backend, status, elapsed,
+                req.request_id,
+            )  # fmt: skip
+
+    async def _invalidate(
+        self,
+        snap: Snapshot,
+        host: str,
+        path: str,
+        query: bytes,
+        response_headers: list[tuple[bytes, bytes]],
+        request_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        """A successful unsafe method: forget the stored responses for its URI
+        and for a same-origin Location / Content-Location (RFC 9111 §4.4)."""
+        targets = [(path, query)]
+        for name, value in response_headers:
+            lname = name.lower()
+            if lname == b"location" or lname == b"content-location":
+                same = _same_origin_target(value.decode("latin-1"), host)
+                if same is not None:
+                    targets.append(same)
+        cache = self.runtime.cache
+        for tpath, tquery in targets:
+            route = snap.table.match("GET", host, tpath, request_headers)
+            if route is None:
+                continue
+            policy = snap.caches.get(route.name)
+            if policy is None:
+                continue
+            scopes = {*route.backends, *([route.fallback] if route.fallback else [])}
+            keys = sorted({policy.key(cache.prefix, b, host, tpath, tquery) for b in scopes})
+            await cache.invalidate(keys, route.name, "unsafe_method")
 
     # ---------------------------------------------------------------- answers
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from strangler import config as config_mod
 from strangler import metrics, tasks
+from strangler.cache import ResponseCache, RoutePolicy
 from strangler.config import RouteFile
 from strangler.exceptions import ConfigError
 from strangler.resilience import Breaker, Guard, RetryPolicy
@@ -83,6 +84,8 @@ class Snapshot:
     max_header_bytes: int
     max_header_count: int
     access_log: bool = field(default=False)
+    #: Cache policy per route name, for the routes that cache.
+    caches: Mapping[str, RoutePolicy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,8 @@ class Runtime:
         self._poller: asyncio.Task[None] | None = None
         self._signature: tuple[int, int, int, int] | None = None
         self._current: Snapshot | None = None
+        #: The response cache (both layers); outlives reloads.
+        self.cache = ResponseCache(0, None, "strangler:")
         self.last_error: tuple[str, ...] = ()
         self.last_error_at: float | None = None
 
@@ -176,6 +181,11 @@ class Runtime:
         if url and self.shared is None:
             prefix = cfg.redis.prefix if cfg.redis else "strangler:"
             self.shared = SharedState(url, prefix)
+        self.cache = ResponseCache(
+            cfg.server.cache_memory_bytes,
+            self.shared,
+            cfg.redis.prefix if cfg.redis else "strangler:",
+        )
         await self._install(cfg)
         if self.shared is not None and self._start_pools and self._breaker_sync is None:
             self._breaker_sync = tasks.spawn(
@@ -186,6 +196,7 @@ class Runtime:
             self._poller = tasks.spawn(self._poll(), name="route-file-poller")
 
     async def stop(self) -> None:
+        await self.cache.stop()
         if self._breaker_sync is not None:
             self._breaker_sync.cancel()
             self._breaker_sync = None
@@ -288,7 +299,11 @@ class Runtime:
             max_header_bytes=server.limits.max_header_bytes,
             max_header_count=server.limits.max_header_count,
             access_log=self._access_log,
+            caches={r.name: RoutePolicy(r.name, r.cache) for r in cfg.routes if r.cache},
         )
+        self.cache.memory.max_bytes = server.cache_memory_bytes
+        if snap.caches and self._start_pools:
+            self.cache.start()  # idempotent: follows other replicas' invalidations
         self._current = snap
         if self._publish_metrics:
             metrics.CONFIG_GENERATION.set(snap.generation)

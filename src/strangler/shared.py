@@ -70,6 +70,11 @@ class SharedState:
     def up(self) -> bool:
         return not self._down
 
+    @property
+    def paused(self) -> bool:
+        """Within the pause after an error: calls are skipped, not tried."""
+        return time.monotonic() < self._paused_until
+
     async def run(self, what: str, call: Callable[[], Awaitable[T]]) -> T | None:
         """Run one Redis call; on any error return None and pause for a while."""
         if time.monotonic() < self._paused_until:

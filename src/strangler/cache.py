@@ -1,0 +1,923 @@
+"""Response caching: RFC 9111 shared-cache semantics over Redis, with a
+bounded in-process layer in front.
+
+The pieces, each small:
+
+* `Entry`: one stored response (status, headers, body, the times that make
+  its age, its freshness lifetime, the request header values it varies on).
+  It encodes to one Redis value.
+* `RoutePolicy`: one route's ``cache:`` block compiled for the request path:
+  the key of a request, which stored variant matches it, whether a response
+  may be stored and how long it stays fresh (the rules themselves are in
+  `cachecontrol`).
+* `MemoryLayer`: an LRU bounded in bytes, per process. Evictions are counted.
+* `ResponseCache`: the two layers together, single-flight fills, the fill
+  lock shared through Redis, invalidation and purge. It outlives reloads.
+
+Keys are ``<prefix>cache:<route>:<scope>:<path>?<query>@<host>`` where scope
+is the backend that produced the response (``*`` when the route declares its
+backends equivalent): a canary's answers never reach legacy users. A key
+holds a Redis hash of variants (``Vary``), at most `MAX_VARIANTS`.
+
+Redis is never in the failure domain: every call goes through
+`SharedState.run` (fail-fast, paused after an error, logged once per outage),
+and a request whose Redis call fails carries on with the in-process layer.
+Invalidations and purges are published on a capped Redis stream that every
+replica reads every half second, so a replica's in-process layer forgets
+what another replica invalidated within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from strangler import cachecontrol as cc
+from strangler import metrics, tasks
+from strangler.config import Cache
+from strangler.shared import SharedState
+
+__all__ = [
+    "Entry",
+    "MemoryLayer",
+    "RequestInfo",
+    "ResponseCache",
+    "RoutePolicy",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Variants (distinct Vary values) kept per key; the oldest goes first.
+MAX_VARIANTS = 16
+#: How long an entry with validators is kept past its freshness, for revalidation.
+REVALIDATE_KEEP = 600.0
+#: Redis writes in flight at once; more are skipped (and counted).
+MAX_PENDING_WRITES = 64
+#: How often replicas read the invalidation stream.
+EVENT_SYNC_INTERVAL = 0.5
+#: Events kept in the stream.
+EVENT_STREAM_LEN = 10000
+#: Keys longer than this keep a hash of their tail.
+MAX_KEY_CHARS = 1024
+#: Poll period while another replica fills an entry.
+FILL_POLL = 0.05
+
+_SKIP_STORED = frozenset({b"age", b"set-cookie", b"set-cookie2", b"x-strangler-cache"})
+# Header fields a 304 must not change in the stored response (RFC 9111 §3.2).
+_NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding"})
+_304_FIELDS = frozenset(
+    {
+        b"cache-control",
+        b"content-location",
+        b"date",
+        b"etag",
+        b"expires",
+        b"last-modified",
+        b"vary",
+    }
+)
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+# --------------------------------------------------------------------------- entries
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stored response."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    #: Wall-clock times of the request that produced it and of its response.
+    request_time: float
+    response_time: float
+    #: Corrected initial age (RFC 9111 §4.2.3) at ``response_time``.
+    initial_age: float
+    #: Freshness lifetime in seconds.
+    lifetime: float
+    #: (header name, request value or None) for every header it varies on.
+    vary: tuple[tuple[str, str | None], ...]
+    backend: str
+    #: Windows in seconds past freshness for stale serving.
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    control: cc.CacheControl = field(default_factory=lambda: cc.CacheControl({}))
+    etag: bytes | None = None
+    last_modified: bytes | None = None
+    #: Derived once: ``no-cache`` said, the names varied on, when to drop it.
+    no_cache: bool = False
+    vary_names: frozenset[str] = frozenset()
+    expires_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        values: list[bytes] = []
+        for name, value in self.headers:
+            if name == b"cache-control":
+                values.append(value)
+            elif name == b"etag":
+                self.etag = value
+            elif name == b"last-modified":
+                self.last_modified = value
+        self.control = cc.CacheControl.parse(values)
+        self.no_cache = self.control.has("no-cache")
+        self.vary_names = frozenset(n for n, _ in self.vary)
+        self.expires_at = self.response_time + self.keep_for()
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + sum(len(n) + len(v) + 4 for n, v in self.headers) + 200
+
+    def age(self, now: float) -> float:
+        return self.initial_age + max(0.0, now - self.response_time)
+
+    def keep_for(self) -> float:
+        """Seconds past the response this entry is worth keeping."""
+        extra = max(self.stale_while_revalidate, self.stale_if_error)
+        if self.etag is not None or self.last_modified is not None:
+            extra = max(extra, REVALIDATE_KEEP)
+        return max(1.0, self.lifetime - self.initial_age + extra)
+
+    def expired(self, now: float) -> bool:
+        return now > self.expires_at
+
+    def vary_key(self) -> str:
+        return "\x1f".join(f"{n}={v}" if v is not None else n for n, v in self.vary)
+
+    def encode(self) -> bytes:
+        meta = {
+            "s": self.status,
+            "h": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers],
+            "rq": self.request_time,
+            "rs": self.response_time,
+            "ia": self.initial_age,
+            "l": self.lifetime,
+            "v": [list(p) for p in self.vary],
+            "b": self.backend,
+            "swr": self.stale_while_revalidate,
+            "sie": self.stale_if_error,
+        }
+        return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + self.body
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Entry | None:
+        """The entry, or None for anything unreadable (never raises)."""
+        head, sep, body = blob.partition(b"\n")
+        if not sep:
+            return None
+        try:
+            meta = json.loads(head)
+            return cls(
+                status=int(meta["s"]),
+                headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["h"]],
+                body=body,
+                request_time=float(meta["rq"]),
+                response_time=float(meta["rs"]),
+                initial_age=float(meta["ia"]),
+                lifetime=float(meta["l"]),
+                vary=tuple((str(n), None if v is None else str(v)) for n, v in meta["v"]),
+                backend=str(meta["b"]),
+                stale_while_revalidate=float(meta.get("swr", 0.0)),
+                stale_if_error=float(meta.get("sie", 0.0)),
+            )
+        except (ValueError, KeyError, TypeError, UnicodeError):
+            return None
+
+
+# --------------------------------------------------------------------------- requests
+
+_NO_DIRECTIVES = cc.CacheControl({})
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the cache needs from a request's headers, read once."""
+
+    control: cc.CacheControl
+    authorization: bool = False
+    range: bool = False
+    if_none_match: bytes | None = None
+    if_modified_since: bytes | None = None
+
+    @classmethod
+    def read(cls, headers: Sequence[tuple[bytes, bytes]]) -> RequestInfo:
+        control: list[bytes] = []
+        info = cls(_NO_DIRECTIVES)
+        for name, value in headers:
+            if name == b"cache-control":
+                control.append(value)
+            elif name == b"authorization":
+                info.authorization = True
+            elif name == b"range":
+                info.range = True
+            elif name == b"if-none-match":
+                info.if_none_match = value
+            elif name == b"if-modified-since":
+                info.if_modified_since = value
+            elif name == b"pragma" and not control and value.strip().lower() == b"no-cache":
+                control.append(b"no-cache")
+        if control:
+            info.control = cc.CacheControl.parse(control)
+        return info
+
+    def not_modified(self, entry: Entry) -> bool:
+        """Does the client's conditional request match the entry (RFC 9110 §13.1)?"""
+        if self.if_none_match is None and self.if_modified_since is None:
+            return False
+        if self.if_none_match is not None:
+            if entry.etag is None:
+                return False
+            wanted = self.if_none_match.strip()
+            if wanted == b"*":
+                return True
+            mine = _weak(entry.etag)
+            return any(_weak(tag) == mine for tag in wanted.split(b","))
+        if self.if_modified_since is not None and entry.last_modified is not None:
+            since = cc.http_date(self.if_modified_since)
+            modified = cc.http_date(entry.last_modified)
+            return since is not None and modified is not None and modified <= since
+        return False
+
+
+def _weak(tag: bytes) -> bytes:
+    tag = tag.strip()
+    return tag[2:] if tag.startswith(b"W/") else tag
+
+
+def header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [v for n, v in headers if n == name]
+
+
+def _first(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(slots=True)
+class Freshness:
+    """How a stored entry may be used for one request."""
+
+    fresh: bool
+    age: float
+    #: Stale, but inside stale-while-revalidate: serve now, refresh in the background.
+    serve_stale: bool = False
+    #: Stale, but inside stale-if-error: may be served if the refresh fails.
+    stale_on_error: bool = False
+
+
+class RoutePolicy:
+    """One route's cache settings, compiled."""
+
+    __slots__ = (
+        "route",
+        "mode",
+        "ttl",
+        "vary",
+        "max_object_bytes",
+        "swr",
+        "sie",
+        "shared_backends",
+        "store_set_cookie",
+        "heuristic",
+        "lock_timeout",
+        "_ignore",
+        "_ignore_re",
+    )
+
+    def __init__(self, route: str, settings: Cache) -> None:
+        self.route = route
+        self.mode = settings.mode
+        self.ttl = settings.ttl or 0.0
+        self.vary = tuple(settings.vary)
+        self.max_object_bytes = settings.max_object_bytes
+        self.swr = settings.stale_while_revalidate
+        self.sie = settings.stale_if_error
+        self.shared_backends = settings.shared_backends
+        self.store_set_cookie = settings.store_set_cookie
+        self.heuristic = settings.heuristic
+        self.lock_timeout = settings.lock_timeout
+        self._ignore = frozenset(p for p in settings.ignore_query if "*" not in p)
+        globs = [fnmatch.translate(p) for p in settings.ignore_query if "*" in p]
+        self._ignore_re = re.compile("|".join(globs)) if globs else None
+
+    # -- keys
+
+    def scope(self, backend: str) -> str:
+        return "*" if self.shared_backends else backend
+
+    def key(self, prefix: str, backend: str, host: str, path: str, query: bytes) -> str:
+        q = self._query(query) if query else ""
+        tail = f"{path}?{q}@{host}" if q else f"{path}@{host}"
+        if len(tail) > MAX_KEY_CHARS:
+            import hashlib
+
+            digest = hashlib.blake2b(tail.encode("utf-8", "surrogateescape"), digest_size=16)
+            tail = f"{tail[: MAX_KEY_CHARS - 40]}#{digest.hexdigest()}"
+        return f"{prefix}cache:{self.route}:{self.scope(backend)}:{tail}"
+
+    def _query(self, query: bytes) -> str:
+        text = query.decode("latin-1")
+        if not self._ignore and self._ignore_re is None:
+            return text
+        kept = []
+        for part in text.split("&"):
+            name = part.split("=", 1)[0]
+            if name in self._ignore or (self._ignore_re and self._ignore_re.match(name)):
+                continue
+            kept.append(part)
+        return "&".join(kept)
+
+    # -- reading
+
+    def vary_names(self, response_headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, ...]:
+        names = set(self.vary)
+        for value in header_values(response_headers, b"vary"):
+            for name in value.decode("latin-1").split(","):
+                name = name.strip().lower()
+                if name:
+                    names.add(name)
+        return tuple(sorted(names))
+
+    @staticmethod
+    def request_value(headers: Sequence[tuple[bytes, bytes]], name: str) -> str | None:
+        """All lines of a request header, joined, with whitespace normalized
+        (RFC 9111 §4.1 allows a cache to normalize before matching)."""
+        wanted = name.encode("latin-1")
+        values = [v.decode("latin-1").strip() for n, v in headers if n == wanted]
+        if not values:
+            return None
+        return ", ".join(" ".join(v.split()) for v in values)
+
+    def select(
+        self, entries: Sequence[Entry] | None, headers: Sequence[tuple[bytes, bytes]]
+    ) -> Entry | None:
+        """The stored variant whose varying request headers match this request."""
+        if not entries:
+            return None
+        if len(entries) == 1 and not entries[0].vary and not self.vary:
+            return entries[0]  # the common case: nothing varies
+        best: Entry | None = None
+        for entry in entries:
+            if not entry.vary_names.issuperset(self.vary):
+                continue  # stored before the route varied on more headers
+            if all(self.request_value(headers, n) == v for n, v in entry.vary):
+                if best is None or entry.response_time > best.response_time:
+                    best = entry
+        return best
+
+    def freshness(self, entry: Entry, request: RequestInfo, now: float) -> Freshness:
+        """Fresh, servable stale, or in need of revalidation, for this request."""
+        age = entry.age(now)
+        lifetime = entry.lifetime
+        rc = request.control
+        fresh = age < lifetime
+        if fresh and not rc.directives and not entry.no_cache:
+            return Freshness(True, age)  # the common case
+        max_age = rc.seconds("max-age")
+        if max_age is not None and age > max_age:
+            fresh = False
+        min_fresh = rc.seconds("min-fresh")
+        if min_fresh is not None and lifetime - age < min_fresh:
+            fresh = False
+        if fresh and (entry.no_cache or rc.has("no-cache")):
+            fresh = False
+        if fresh:
+            return Freshness(True, age)
+        may_stale = cc.may_serve_stale(entry.control) and not rc.has("no-cache")
+        staleness = age - lifetime
+        if may_stale and rc.has("max-stale"):
+            limit = rc.seconds("max-stale")
+            if limit is None or staleness <= limit:
+                return Freshness(True, age)
+        swr = entry.stale_while_revalidate
+        sie = entry.stale_if_error
+        return Freshness(
+            False,
+            age,
+            serve_stale=may_stale and staleness <= swr and max_age is None,
+            stale_on_error=may_stale and staleness <= sie,
+        )
+
+    def usable_with_authorization(self, entry: Entry) -> bool:
+        """RFC 9111 §3.5: a response may answer a request with Authorization
+        only when it says so."""
+        c = entry.control
+        return c.has("public") or c.has("s-maxage") or c.has("must-revalidate")
+
+    # -- storing
+
+    def build_entry(
+        self,
+        *,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        request_headers: Sequence[tuple[bytes, bytes]],
+        request: RequestInfo,
+        request_time: float,
+        response_time: float,
+        backend: str,
+    ) -> Entry | str:
+        """The entry to store, or why the response may not be stored."""
+        if status == 206:
+            return "status"
+        response_cc = cc.CacheControl.parse(header_values(headers, b"cache-control"))
+        expires = _first(headers, b"expires")
+        verdict = cc.storable(
+            method="GET",
+            status=status,
+            request_cc=request.control,
+            response_cc=response_cc,
+            has_authorization=request.authorization,
+            has_set_cookie=_first(headers, b"set-cookie") is not None,
+            vary=b",".join(header_values(headers, b"vary")).decode("latin-1") or None,
+            expires=expires,
+            heuristic=self.heuristic or self.mode == "ttl",
+            allow_set_cookie=self.store_set_cookie,
+        )
+        if not verdict.store:
+            return verdict.reason
+        date = cc.http_date(_first(headers, b"date"))
+        if self.mode == "ttl":
+            lifetime = self.ttl
+        else:
+            lm = _first(headers, b"last-modified")
+            lifetime = cc.freshness_lifetime(
+                response_cc,
+                date=date,
+                expires=expires,
+                last_modified=cc.http_date(lm) if lm is not None else None,
+                response_time=response_time,
+                heuristic=self.heuristic,
+            )
+        initial_age = cc.current_age(
+            age_header=_first(headers, b"age"),
+            date=date,
+            request_time=request_time,
+            response_time=response_time,
+            now=response_time,
+        )
+        swr = response_cc.seconds("stale-while-revalidate")
+        sie = response_cc.seconds("stale-if-error")
+        stored = [(n, v) for n, v in headers if n not in _SKIP_STORED]
+        names = self.vary_names(headers)
+        entry = Entry(
+            status=status,
+            headers=stored,
+            body=body,
+            request_time=request_time,
+            response_time=response_time,
+            initial_age=initial_age,
+            lifetime=lifetime,
+            vary=tuple((n, self.request_value(request_headers, n)) for n in names),
+            backend=backend,
+            stale_while_revalidate=float(swr) if swr is not None else self.swr,
+            stale_if_error=float(sie) if sie is not None else self.sie,
+        )
+        if (
+            lifetime <= initial_age
+            and entry.etag is None
+            and entry.last_modified is None
+            and entry.stale_if_error <= 0
+        ):
+            return "no-freshness"
+        return entry
+
+    def refreshed(
+        self,
+        entry: Entry,
+        headers: Sequence[tuple[bytes, bytes]],
+        request_time: float,
+        response_time: float,
+    ) -> Entry:
+        """The entry after a 304: its headers updated with the 304's, its age
+        and freshness recomputed (RFC 9111 §4.3.4)."""
+        updated = {n for n, _ in headers if n not in _NOT_UPDATED and n not in _SKIP_STORED}
+        merged = [(n, v) for n, v in entry.headers if n not in updated]
+        merged.extend((n, v) for n, v in headers if n in updated)
+        built = self.build_entry(
+            status=entry.status,
+            headers=merged,
+            body=entry.body,
+            request_headers=[
+                (n.encode("latin-1"), v.encode("latin-1")) for n, v in entry.vary if v is not None
+            ],
+            request=RequestInfo(cc.CacheControl({})),
+            request_time=request_time,
+            response_time=response_time,
+            backend=entry.backend,
+        )
+        if isinstance(built, str):
+            # Still usable for this one answer, just not worth keeping fresh.
+            return replace(
+                entry,
+                headers=merged,
+                request_time=request_time,
+                response_time=response_time,
+                initial_age=0.0,
+                lifetime=0.0,
+            )
+        return built
+
+
+def not_modified_headers(entry: Entry) -> list[tuple[bytes, bytes]]:
+    """The stored header fields a 304 answer carries (RFC 9110 §15.4.5)."""
+    return [(n, v) for n, v in entry.headers if n in _304_FIELDS]
+
+
+def is_unsafe(method: str) -> bool:
+    return method in _UNSAFE
+
+
+# --------------------------------------------------------------------------- memory layer
+
+
+class MemoryLayer:
+    """Per-process LRU of variants by key, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[str, tuple[str, list[Entry]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str, now: float) -> list[Entry] | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        route, entries = item
+        for e in entries:
+            if now > e.expires_at:
+                break
+        else:  # nothing expired: the common case
+            self._data.move_to_end(key)
+            return entries
+        live = [e for e in entries if not e.expired(now)]
+        if len(live) != len(entries):
+            self.bytes -= sum(e.size for e in entries) - sum(e.size for e in live)
+            if not live:
+                del self._data[key]
+                self._gauge()
+                return None
+            self._data[key] = (route, live)
+        self._data.move_to_end(key)
+        return live
+
+    def put(self, key: str, route: str, entry: Entry) -> bool:
+        size = entry.size
+        if size > self.max_bytes:
+            return False
+        route_entries = self._data.pop(key, (route, []))[1]
+        kept: list[Entry] = []
+        vk = entry.vary_key()
+        for e in route_entries:
+            if e.vary_key() == vk:
+                self.bytes -= e.size
+            else:
+                kept.append(e)
+        kept.append(entry)
+        while len(kept) > MAX_VARIANTS:
+            self.bytes -= kept.pop(0).size
+        self._data[key] = (route, kept)
+        self.bytes += size
+        while self.bytes > self.max_bytes and self._data:
+            old_key, (old_route, old) = self._data.popitem(last=False)
+            self.bytes -= sum(e.size for e in old)
+            metrics.CACHE_EVICTIONS.labels(old_route).inc(len(old))
+        self._gauge()
+        return True
+
+    def drop(self, keys: Iterable[str]) -> int:
+        n = 0
+        for key in keys:
+            item = self._data.pop(key, None)
+            if item is not None:
+                self.bytes -= sum(e.size for e in item[1])
+                n += len(item[1])
+        self._gauge()
+        return n
+
+    def drop_matching(self, test: Callable[[str], bool]) -> int:
+        return self.drop([k for k in self._data if test(k)])
+
+    def _gauge(self) -> None:
+        metrics.CACHE_MEMORY_BYTES.set(self.bytes)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeRequest:
+    """What to purge: all of a route, a path prefix, or one URL (path?query)."""
+
+    route: str | None = None
+    prefix: str | None = None
+    url: str | None = None
+
+    def matches(self, key: str, key_prefix: str) -> bool:
+        """Does this key (``<prefix>cache:<route>:<scope>:<path>?<q>@<host>``) match?"""
+        rest = key[len(key_prefix) + len("cache:") :]
+        route, _, rest = rest.partition(":")
+        _scope, _, tail = rest.partition(":")
+        if self.route is not None and route != self.route:
+            return False
+        target = tail.rpartition("@")[0]
+        if self.prefix is not None and not target.startswith(self.prefix):
+            return False
+        return not (self.url is not None and target != self.url)
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            k: v
+            for k, v in (("route", self.route), ("prefix", self.prefix), ("url", self.url))
+            if v
+        }
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+class ResponseCache:
+    """The in-process layer plus Redis, shared by every route of a process."""
+
+    def __init__(self, memory_bytes: int, shared: SharedState | None, prefix: str) -> None:
+        self.memory = MemoryLayer(memory_bytes)
+        self.shared = shared
+        self.prefix = prefix
+        self._flights: dict[str, asyncio.Future[Entry | None]] = {}
+        self._pending_writes = 0
+        self._origin = f"{os.getpid()}-{id(self):x}"
+        self._last_event = "$"
+        self._sync: asyncio.Task[None] | None = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        if self.shared is not None and self._sync is None:
+            self._sync = tasks.spawn(self._follow_events(), name="cache-events")
+
+    async def stop(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            self._sync = None
+
+    # -- lookup
+
+    async def lookup(self, key: str, now: float) -> list[Entry] | None:
+        """The stored variants of a key: the in-process layer, then Redis."""
+        entries = self.memory.get(key, now)
+        if entries is not None or self.shared is None:
+            return entries
+        return await self._redis_lookup(key, now)
+
+    async def _redis_lookup(self, key: str, now: float) -> list[Entry] | None:
+        shared = self.shared
+        if shared is None:
+            return None
+        raw: Any = await shared.run("cache lookup", lambda: shared.redis.hgetall(key))
+        if raw is None:  # Redis failed or is paused after a failure
+            metrics.CACHE_REDIS_BYPASS.labels("lookup").inc()
+            return None
+        entries = [e for e in (Entry.decode(v) for v in raw.values()) if e is not None]
+        live = [e for e in entries if not e.expired(now)]
+        if not live:
+            return None
+        route = key[len(self.prefix) + len("cache:") :].partition(":")[0]
+        for e in live:
+            self.memory.put(key, route, e)
+        return live
+
+    # -- single-flight
+
+    def flight(self, key: str) -> asyncio.Future[Entry | None] | None:
+        """The fill in progress for this key in this process, if any."""
+        return self._flights.get(key)
+
+    def begin_flight(self, key: str) -> asyncio.Future[Entry | None]:
+        fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._flights[key] = fut
+        return fut
+
+    def end_flight(self, key: str, fut: asyncio.Future[Entry | None], entry: Entry | None) -> None:
+        if self._flights.get(key) is fut:
+            del self._flights[key]
+        if not fut.done():
+            fut.set_result(entry)
+
+    async def fill_lock(self, key: str, timeout: float) -> bool:
+        """Take the fleet-wide fill lock for a key. True when this replica
+        should fetch: it holds the lock, or Redis is not there to ask."""
+        shared = self.shared
+        if shared is None:
+            return True
+        got = await shared.run(
+            "cache lock",
+            lambda: shared.redis.set(f"{key}|lock", self._origin, nx=True, px=int(timeout * 1000)),
+        )
+        if got is None:
+            return not await self._lock_held(key)
+        return bool(got)
+
+    async def _lock_held(self, key: str) -> bool:
+        # `set nx` answers None both when the lock is taken and when Redis
+        # failed; only a working Redis saying "exists" means someone holds it.
+        shared = self.shared
+        if shared is None or not shared.up or shared.paused:
+            return False
+        held = await shared.run("cache lock", lambda: shared.redis.exists(f"{key}|lock"))
+        return bool(held)
+
+    async def release_lock(self, key: str) -> None:
+        shared = self.shared
+        if shared is not None:
+            await shared.run("cache unlock", lambda: shared.redis.delete(f"{key}|lock"))
+
+    async def wait_for_fill(
+        self, key: str, timeout: float, now: Callable[[], float]
+    ) -> list[Entry] | None:
+        """Another replica holds the fill lock: poll Redis for its entry, bounded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(FILL_POLL)
+            entries = await self._redis_lookup(key, now())
+            if entries:
+                return entries
+            if not await self._lock_held(key):
+                return None
+        return None
+
+    # -- storing
+
+    def store(self, key: str, route: str, entry: Entry) -> None:
+        """Keep the entry in this process now; write it to Redis in the background."""
+        if self.memory.put(key, route, entry):
+            metrics.CACHE_STORES.labels(route, "memory").inc()
+        shared = self.shared
+        if shared is None:
+            return
+        if self._pending_writes >= MAX_PENDING_WRITES:
+            metrics.CACHE_NOT_STORED.labels(route, "redis_busy").inc()
+            return
+        self._pending_writes += 1
+        tasks.spawn(self._write(shared, key, route, entry), name="cache-write")
+
+    async def _write(self, shared: SharedState, key: str, route: str, entry: Entry) -> None:
+        try:
+            ttl_ms = max(1000, int(entry.keep_for() * 1000))
+            blob = entry.encode()
+            field_name = entry.vary_key()
+
+            async def write() -> bool:
+                async with shared.redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(key, field_name, blob)
+                    pipe.hlen(key)
+                    pipe.pexpire(key, ttl_ms, gt=True)
+                    pipe.pexpire(key, ttl_ms, nx=True)
+                    result = await pipe.execute()
+                if int(result[1]) > MAX_VARIANTS:
+                    await shared.redis.delete(key)
+                    await shared.redis.hset(key, field_name, blob)
+                    await shared.redis.pexpire(key, ttl_ms)
+                return True
+
+            done = await shared.run("cache store", write)
+            if done:
+                metrics.CACHE_STORES.labels(route, "redis").inc()
+            else:
+                metrics.CACHE_REDIS_BYPASS.labels("store").inc()
+        finally:
+            self._pending_writes -= 1
+
+    # -- invalidation and purge
+
+    async def invalidate(self, keys: Sequence[str], route: str, cause: str) -> None:
+        """Forget these keys here, in Redis, and (through the event stream) on
+        every other replica."""
+        self.memory.drop(keys)
+        metrics.CACHE_INVALIDATIONS.labels(route, cause).inc()
+        shared = self.shared
+        if shared is None or not keys:
+            return
+
+        async def forget() -> None:
+            async with shared.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(*keys)
+                pipe.xadd(
+                    self._events_key,
+                    {"o": self._origin, "k": "keys", "v": json.dumps(list(keys))},
+                    maxlen=EVENT_STREAM_LEN,
+                    approximate=True,
+                )
+                await pipe.execute()
+
+        await shared.run("cache invalidate", forget)
+
+    async def purge(self, what: PurgeRequest) -> dict[str, Any]:
+        """Purge matching entries everywhere; returns what was removed."""
+        dropped = self.memory.drop_matching(lambda k: what.matches(k, self.prefix))
+        if what.route:
+            metrics.CACHE_INVALIDATIONS.labels(what.route, "purge").inc()
+        out: dict[str, Any] = {"memory_entries": dropped, "redis_keys": 0, "redis": "absent"}
+        shared = self.shared
+        if shared is None:
+            return out
+        pattern = f"{self.prefix}cache:{_glob_escape(what.route) if what.route else '*'}:*"
+
+        async def scan_and_delete() -> int:
+            deleted = 0
+            batch: list[str] = []
+            async for raw in shared.redis.scan_iter(match=pattern, count=1000):
+                key = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+                if key.endswith("|lock") or not what.matches(key, self.prefix):
+                    continue
+                batch.append(key)
+                if len(batch) >= 500:
+                    deleted += int(await shared.redis.delete(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await shared.redis.delete(*batch))
+            await shared.redis.xadd(
+                self._events_key,
+                {"o": self._origin, "k": "purge", "v": json.dumps(what.as_dict())},
+                maxlen=EVENT_STREAM_LEN,
+                approximate=True,
+            )
+            return deleted
+
+        # A purge may scan many keys: not the request path's fail-fast bounds.
+        try:
+            deleted = await asyncio.wait_for(scan_and_delete(), timeout=30.0)
+        except Exception as exc:  # noqa: BLE001 - reported to the operator
+            out["redis"] = f"failed: {type(exc).__name__}: {exc}"
+            return out
+        out["redis_keys"] = deleted
+        out["redis"] = "ok"
+        return out
+
+    @property
+    def _events_key(self) -> str:
+        return f"{self.prefix}cache:events"
+
+    async def _follow_events(self) -> None:
+        """Forever: apply other replicas' invalidations and purges to this
+        process's in-process layer."""
+        shared = self.shared
+        assert shared is not None
+        while True:
+            await asyncio.sleep(EVENT_SYNC_INTERVAL)
+            await self.apply_events(shared)
+
+    async def apply_events(self, shared: SharedState) -> None:
+        if self._last_event == "$":
+            # Start from the stream's current end (nothing before us matters).
+            info: Any = await shared.run(
+                "cache events", lambda: shared.redis.xrevrange(self._events_key, count=1)
+            )
+            if info is None:
+                return
+            self._last_event = info[0][0].decode() if info else "0-0"
+            return
+        got: Any = await shared.run(
+            "cache events",
+            lambda: shared.redis.xread({self._events_key: self._last_event}, count=500),
+        )
+        if not got:
+            return
+        for _stream, events in got:
+            for event_id, data in events:
+                self._last_event = event_id.decode() if isinstance(event_id, bytes) else event_id
+                self._apply(data)
+
+    def _apply(self, data: dict[bytes, bytes]) -> None:  # one stream event
+        if data.get(b"o", b"").decode() == self._origin:
+            return
+        kind = data.get(b"k", b"").decode()
+        try:
+            value = json.loads(data.get(b"v", b"null"))
+        except ValueError:
+            return
+        if kind == "keys" and isinstance(value, list):
+            self.memory.drop(str(k) for k in value)
+        elif kind == "purge" and isinstance(value, dict):
+            what = PurgeRequest(
+                route=value.get("route"), prefix=value.get("prefix"), url=value.get("url")
+            )
+            self.memory.drop_matching(lambda k: what.matches(k, self.prefix))
