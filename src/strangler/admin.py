@@ -14,6 +14,7 @@ path               method  what
 /api/routes        GET     effective routes, weights and backends
 /api/backends      GET     breaker state, recent failures, retry budget, fallbacks
 /api/reload        POST    re-read the route file now (token)
+/api/cache/purge   POST    purge cached responses by route, path prefix or URL (token)
 =================  ======  ==================================================
 """
 
@@ -29,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from strangler import metrics
+from strangler.cache import PurgeRequest
 from strangler.runtime import ReloadResult, Runtime
 
 __all__ = ["create_app"]
@@ -54,6 +56,10 @@ def _authorized(request: Request, token: str | None) -> Response | None:
             headers={"WWW-Authenticate": 'Bearer realm="strangler-admin"'},
         )
     return None
+
+
+def _bad_purge(message: str) -> Response:
+    return JSONResponse({"error": "bad_request", "message": message}, status_code=400)
 
 
 def create_app(
@@ -123,6 +129,41 @@ def create_app(
         result = await do_reload("admin API")
         return JSONResponse(result.as_dict(), status_code=200 if result.ok else 422)
 
+    async def purge_endpoint(request: Request) -> Response:
+        denied = _authorized(request, token)
+        if denied is not None:
+            return denied
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not body:
+            return _bad_purge("send a JSON object with route, prefix and/or url")
+        unknown = set(body) - {"route", "prefix", "url"}
+        if unknown:
+            return _bad_purge(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
+        for name in ("route", "prefix", "url"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, str) or not value):
+                return _bad_purge(f"{name} must be a non-empty string")
+        for name in ("prefix", "url"):
+            if body.get(name) is not None and not body[name].startswith("/"):
+                return _bad_purge(f"{name} must start with '/' (a path, not a full URL)")
+        what = PurgeRequest(route=body.get("route"), prefix=body.get("prefix"), url=body.get("url"))
+        if what.route is not None and runtime.ready:
+            if what.route not in runtime.current.table.by_name:
+                return JSONResponse(
+                    {"error": "not_found", "message": f"no route named {what.route!r}"},
+                    status_code=404,
+                )
+        result = await runtime.cache.purge(what)
+        if metrics.multiprocess_dir() and runtime.shared is None:
+            result["warning"] = (
+                "several workers and no Redis: each worker's in-process layer keeps its "
+                "entries until they expire"
+            )
+        return JSONResponse({"purged": what.as_dict(), **result})
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -131,5 +172,6 @@ def create_app(
             Route("/api/routes", routes),
             Route("/api/backends", backends),
             Route("/api/reload", reload_endpoint, methods=["POST"]),
+            Route("/api/cache/purge", purge_endpoint, methods=["POST"]),
         ]
     )
