@@ -15,6 +15,8 @@ path               method  what
 /api/backends      GET     breaker state, recent failures, retry budget, fallbacks
 /api/reload        POST    re-read the route file now (token)
 /api/cache/purge   POST    purge cached responses by route, path prefix or URL (token)
+/api/shadow/report GET     shadow comparison per route and endpoint (?route=NAME)
+/api/shadow/reset  POST    forget the comparison counts, of one route or all (token)
 =================  ======  ==================================================
 """
 
@@ -32,6 +34,7 @@ from starlette.routing import Route
 from strangler import metrics
 from strangler.cache import PurgeRequest
 from strangler.runtime import ReloadResult, Runtime
+from strangler.shadow import route_report
 
 __all__ = ["create_app"]
 
@@ -164,6 +167,67 @@ def create_app(
             )
         return JSONResponse({"purged": what.as_dict(), **result})
 
+    async def shadow_report(request: Request) -> Response:
+        if not runtime.ready:
+            return JSONResponse({"error": "not_ready"}, status_code=503)
+        snap = runtime.current
+        wanted = request.query_params.get("route")
+        policies = dict(snap.shadows)
+        if wanted is not None:
+            if wanted not in policies:
+                return JSONResponse(
+                    {"error": "not_found", "message": f"route {wanted!r} does not shadow"},
+                    status_code=404,
+                )
+            policies = {wanted: policies[wanted]}
+        routes: dict[str, Any] = {}
+        source = "this process"
+        for name, policy in policies.items():
+            counts, samples, source = await runtime.shadower.totals(name)
+            routes[name] = {
+                "shadow_backend": policy.backend,
+                "percent": round(policy.fraction * 100, 3),
+                "noise_percent": round(policy.noise_fraction * 100, 3),
+                "relative_threshold": round(policy.relative * 100, 3),
+                "absolute_threshold": round(policy.absolute * 100, 5),
+                "endpoints": route_report(
+                    counts, samples, relative=policy.relative, absolute=policy.absolute
+                ),
+            }
+        payload: dict[str, Any] = {"source": source, "routes": routes}
+        if metrics.multiprocess_dir() and runtime.shared is None:
+            payload["warning"] = (
+                "several workers and no Redis: the workers' comparisons are not visible "
+                "here; configure redis to see them"
+            )
+        return JSONResponse(payload)
+
+    async def shadow_reset(request: Request) -> Response:
+        denied = _authorized(request, token)
+        if denied is not None:
+            return denied
+        if not runtime.ready:
+            return JSONResponse({"error": "not_ready"}, status_code=503)
+        try:
+            body = await request.json() if await request.body() else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse(
+                {"error": "bad_request", "message": "send a JSON object"}, status_code=400
+            )
+        names = list(runtime.current.shadows)
+        route = body.get("route")
+        if route is not None:
+            if route not in names:
+                return JSONResponse(
+                    {"error": "not_found", "message": f"route {route!r} does not shadow"},
+                    status_code=404,
+                )
+            names = [route]
+        await runtime.shadower.reset(names)
+        return JSONResponse({"reset": names})
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -173,5 +237,7 @@ def create_app(
             Route("/api/backends", backends),
             Route("/api/reload", reload_endpoint, methods=["POST"]),
             Route("/api/cache/purge", purge_endpoint, methods=["POST"]),
+            Route("/api/shadow/report", shadow_report),
+            Route("/api/shadow/reset", shadow_reset, methods=["POST"]),
         ]
     )

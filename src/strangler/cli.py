@@ -7,6 +7,7 @@
     strangler schema                         JSON Schema of the route file, for editors
     strangler status [--admin URL]           effective routes and weights of a running gateway
     strangler reload [--admin URL]           ask a running gateway to re-read its route file
+    strangler diffs  [ROUTE] [--admin URL]   the shadow comparison report, per endpoint
 
 Every ``serve`` flag has a ``STRANGLER_*`` environment variable; a flag wins
 over the variable, which wins over the route file's ``server:`` section.
@@ -169,6 +170,57 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_diffs(args: argparse.Namespace) -> int:
+    import httpx
+
+    params = {"route": args.route} if args.route else {}
+    try:
+        with _admin_client(args) as client:
+            resp = client.get("/api/shadow/report", params=params)
+    except httpx.HTTPError as exc:
+        print(f"strangler diffs: cannot reach {args.admin}: {exc}", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        print(f"strangler diffs: {resp.status_code} {resp.text}", file=sys.stderr)
+        return 1
+    data = resp.json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if data.get("warning"):
+        print(f"warning: {data['warning']}")
+    if not data["routes"]:
+        print("no route shadows traffic")
+        return 0
+    print(f"source: {data['source']}")
+    for name, route in data["routes"].items():
+        print(
+            f"route {name} -> shadow {route['shadow_backend']} ({route['percent']:g}% copied, "
+            f"noise sampled on {route['noise_percent']:g}%)"
+        )
+        if not route["endpoints"]:
+            print("  nothing compared yet")
+        for ep in route["endpoints"]:
+            print(
+                f"  {ep['endpoint']}: compared {ep['compared']}, matched {ep['matched']}, "
+                f"mismatched {ep['mismatched']}, errors {ep['errors']} "
+                f"(noise samples {ep['noise_samples']})"
+            )
+            for field in ep["fields"]:
+                example = field.get("example") or {}
+                print(
+                    f"    {field['field']}: {field['diffs']} diffs, {field['noise']} noise"
+                    + (f"  e.g. {example['primary']} -> {example['candidate']}" if example else "")
+                )
+            if ep["noise_fields"]:
+                quiet = ", ".join(f["field"] for f in ep["noise_fields"][:8])
+                more = len(ep["noise_fields"]) - 8
+                print(
+                    f"    noise (not reported): {quiet}" + (f" and {more} more" if more > 0 else "")
+                )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strangler", description="Strangler-fig migration gateway."
@@ -199,11 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("status", _cmd_status, "show a running gateway's routes"),
         ("reload", _cmd_reload, "reload a running gateway's route file (needs the token)"),
+        ("diffs", _cmd_diffs, "show the shadow comparison report"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--admin", default=os.environ.get("STRANGLER_ADMIN_URL", DEFAULT_ADMIN))
-        if name == "status":
+        if name in ("status", "diffs"):
             p.add_argument("--json", action="store_true", help="raw JSON")
+        if name == "diffs":
+            p.add_argument("route", nargs="?", help="only this route")
         p.set_defaults(func=func)
     return parser
 

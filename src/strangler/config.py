@@ -38,12 +38,15 @@ from pydantic import (
     model_validator,
 )
 
+from strangler.diff import DEFAULT_IGNORE_HEADERS, DiffOptions
 from strangler.exceptions import ConfigError
 
 __all__ = [
     "Backend",
     "Breaker",
     "Cache",
+    "Shadow",
+    "ShadowCompare",
     "Retry",
     "RetryBudget",
     "RetryOverride",
@@ -429,6 +432,114 @@ class Cache(_Model):
         return self
 
 
+class ShadowCompare(_Model):
+    """How a shadow response is compared with the primary one."""
+
+    ignore_headers: list[str] = Field(
+        default_factory=list,
+        description="Headers not compared, besides Date, Server, X-Request-ID, "
+        "Content-Length, Via and Age (Set-Cookie is compared by presence only).",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="JSON paths not compared: $.meta.*, $.items[*].updated_at, $.debug.**",
+    )
+    numeric_tolerance: float = Field(
+        default=0.0, ge=0, description="Relative tolerance for JSON numbers (0.01 = 1%)."
+    )
+    unordered: list[str] = Field(
+        default_factory=list, description="JSON arrays compared ignoring order ($.items)."
+    )
+    masks: list[str] = Field(
+        default_factory=list,
+        description="Values masked before comparing: uuid, timestamp, or a regex.",
+    )
+    text: bool = Field(
+        default=False,
+        description="Compare non-JSON bodies as text with whitespace normalized.",
+    )
+
+    @model_validator(mode="after")
+    def _compiles(self) -> ShadowCompare:
+        self.options()  # bad globs and regexes fail here, at load
+        return self
+
+    def options(self) -> DiffOptions:
+        return DiffOptions(
+            ignore_headers=DEFAULT_IGNORE_HEADERS | {h.lower() for h in self.ignore_headers},
+            ignore_paths=tuple(self.ignore),
+            numeric_tolerance=self.numeric_tolerance,
+            unordered_paths=tuple(self.unordered),
+            masks=tuple(self.masks),
+            text_normalize=self.text,
+        )
+
+
+class Shadow(_Model):
+    """Copies of a route's requests sent to another backend and compared."""
+
+    backend: str = Field(description="The backend that gets the copies.")
+    percent: float = Field(default=100.0, ge=0, le=100, description="Share of requests copied.")
+    methods: list[str] = Field(
+        default_factory=lambda: ["GET", "HEAD"], description="Methods that are copied."
+    )
+    allow_unsafe: bool = Field(
+        default=False,
+        description="Allow POST/PUT/PATCH/DELETE in methods; copies carry X-Strangler-Shadow: 1.",
+    )
+    timeout: Duration = Field(default=5.0, gt=0, description="Bound on each copy, whole.")
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="Request bodies up to this size are copied; larger ones are skipped.",
+    )
+    max_response_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="Response bodies compared up to this size (larger: body not compared).",
+    )
+    noise_percent: float = Field(
+        default=10.0,
+        ge=0,
+        le=100,
+        description="Share of copied safe requests whose primary is called twice to measure noise.",
+    )
+    relative_threshold: float = Field(
+        default=20.0, ge=0, description="Percent by which a field's diff rate must beat its noise."
+    )
+    absolute_threshold: float = Field(
+        default=0.03,
+        ge=0,
+        description="Percent of compared requests by which a field's diff rate must beat "
+        "its noise.",
+    )
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="Path templates for grouping: /api/orders/{id}. Numeric and UUID "
+        "segments collapse on their own.",
+    )
+    compare: ShadowCompare = Field(default_factory=ShadowCompare)
+
+    _upper = field_validator("methods")(classmethod(lambda cls, v: _upper_methods(v)))
+
+    @model_validator(mode="after")
+    def _safe_unless_allowed(self) -> Shadow:
+        unsafe = sorted(set(self.methods) - {"GET", "HEAD", "OPTIONS"})
+        if unsafe and not self.allow_unsafe:
+            raise ValueError(
+                f"methods {', '.join(unsafe)} change state: set allow_unsafe: true to copy them"
+            )
+        return self
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern.startswith("/"):
+                raise ValueError(f"endpoint template {pattern!r} must start with '/'")
+        return v
+
+
 class Route(_Model):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
     match: Match
@@ -449,6 +560,9 @@ class Route(_Model):
         default=None, description="Overrides of the backends' retry policies on this route."
     )
     cache: Cache | None = Field(default=None, description="Cache responses (GET/HEAD).")
+    shadow: Shadow | None = Field(
+        default=None, description="Copy requests to another backend and compare the answers."
+    )
 
 
 class Limits(_Model):
@@ -479,6 +593,12 @@ class Server(_Model):
         "idle timeout (60 s).",
     )
     reload_interval: Duration = Field(default=1.0, gt=0, description="Route-file poll period.")
+    shadow_queue: int = Field(
+        default=1000, ge=1, description="Copies waiting to be sent; more are dropped (counted)."
+    )
+    shadow_concurrency: int = Field(
+        default=32, ge=1, description="Copies in flight at once (per process)."
+    )
     cache_memory_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=0,
@@ -730,6 +850,19 @@ def loads(text: str, filename: str = "<routes>") -> RouteFile:
         if raw_list and all(isinstance(w, int) and not isinstance(w, bool) for w in weights):
             if sum(weights) <= 0:  # type: ignore[arg-type]
                 errors.add(("routes", i, "backends"), owner, "backends", "weights sum to 0")
+        shadow = raw.get("shadow")
+        shadow_backend = shadow.get("backend") if isinstance(shadow, dict) else None
+        if (
+            isinstance(shadow_backend, str)
+            and backend_names
+            and shadow_backend not in backend_names
+        ):
+            errors.add(
+                ("routes", i, "shadow", "backend"),
+                owner,
+                "shadow.backend",
+                f"unknown backend {shadow_backend!r}",
+            )
         fallback = raw.get("fallback")
         if isinstance(fallback, str) and backend_names and fallback not in backend_names:
             errors.add(

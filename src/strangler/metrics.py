@@ -182,6 +182,23 @@ CACHE_MEMORY_BYTES = Gauge(
     "Bytes held by the in-process cache layer.",
     multiprocess_mode="livesum",
 )
+SHADOW_REQUESTS = Counter(
+    "strangler_shadow_requests_total",
+    "Shadow copies by route and outcome: match, mismatch (any field differed, noise "
+    "included), error (the copy failed), dropped (queue full), skipped.",
+    ["route", "outcome"],
+)
+SHADOW_SKIPPED = Counter(
+    "strangler_shadow_skipped_total",
+    "Why copies were skipped, by route and reason (body_too_large, same_backend, "
+    "incomplete, primary_failed, noise_failed, endpoint_cap).",
+    ["route", "reason"],
+)
+SHADOW_QUEUE = Gauge(
+    "strangler_shadow_queue",
+    "Shadow copies waiting for a free slot.",
+    multiprocess_mode="livesum",
+)
 CONFIG_GENERATION = Gauge(
     "strangler_config_generation",
     "Number of the route-file snapshot in use (1 at start, +1 per successful reload).",

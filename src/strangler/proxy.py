@@ -44,9 +44,11 @@ from strangler.cache import (
     is_unsafe,
     not_modified_headers,
 )
+from strangler.diff import Captured
 from strangler.exceptions import CircuitOpen, UpstreamError
 from strangler.routing import BadPath, CompiledRoute, normalize_path
 from strangler.runtime import Runtime, Snapshot
+from strangler.shadow import Job, Shadower, ShadowPolicy, Tee
 from strangler.upstream import UpstreamResponse, build_request_headers, clean_response_headers
 
 __all__ = ["ProxyApp"]
@@ -504,15 +506,17 @@ class ProxyApp:
         )
 
         # 5b. Call it under breaker, retries and deadline; fall back when allowed.
+        # A request copied to a shadow backend keeps its body (up to a bound).
         policy = snap.policies[(route.name, backend)]
+        replay = policy.buffer_bytes if policy.retries or route.fallback else 0
+        shadow = snap.shadows.get(route.name) if snap.shadows else None
+        if shadow is not None and not shadow.wants(method, backend):
+            shadow = None
+        if shadow is not None:
+            replay = max(replay, shadow.max_body_bytes)
         try:
             body = await _request_body(
-                receive,
-                content_length,
-                length,
-                chunked,
-                snap.max_body_bytes,
-                policy.buffer_bytes if policy.retries or route.fallback else 0,
+                receive, content_length, length, chunked, snap.max_body_bytes, replay
             )
         except _BodyTooLarge:
             if chunked:
@@ -557,6 +561,8 @@ class ProxyApp:
                     exc,
                 )
                 await self._error(send, exc, request_id, route.name if snap.debug_headers else None)
+                if shadow is not None:
+                    Shadower.skip(route.name, "primary_failed")
                 return
 
             # 6. Stream the response back (a successful unsafe method first
@@ -565,6 +571,10 @@ class ProxyApp:
             if snap.caches and is_unsafe(method) and status < 400:
                 await self._invalidate(snap, hostname, path, query, resp.headers, headers)
             out_headers = clean_response_headers(resp.headers)
+            tee = None
+            if shadow is not None:
+                primary_headers = tuple(out_headers)
+                tee = Tee(shadow.max_response_bytes)
             out_headers.append((b"x-request-id", rid))
             out_headers.append(_VIA)
             if fallback_reason is not None:
@@ -572,7 +582,16 @@ class ProxyApp:
             if snap.debug_headers:
                 out_headers.append((b"x-strangler-route", route.name.encode()))
                 out_headers.append((b"x-strangler-backend", served_by.encode()))
-            status = await self._stream(resp, status, out_headers, method, receive, send, body)
+            status = await self._stream(
+                resp, status, out_headers, method, receive, send, body, None, tee
+            )
+
+            # 7. After the client has its answer: hand a copy to the shadower.
+            if shadow is not None and tee is not None:
+                self._shadow(
+                    snap, shadow, route, served_by, method, path, target, upstream_headers,
+                    body, resp.status, status, primary_headers, tee,
+                )  # fmt: skip
         finally:
             metrics.INFLIGHT.dec()
             elapsed = time.perf_counter() - started
@@ -655,6 +674,50 @@ class ProxyApp:
             raise
         return resp, fallback, reason
 
+    def _shadow(
+        self,
+        snap: Snapshot,
+        shadow: ShadowPolicy,
+        route: CompiledRoute,
+        served_by: str,
+        method: str,
+        path: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | _StreamedBody | None,
+        upstream_status: int,
+        status: int,
+        primary_headers: tuple[tuple[bytes, bytes], ...],
+        tee: Tee,
+    ) -> None:
+        """Queue the copy of a request whose primary answer is complete."""
+        if status != upstream_status:  # the client went away, or the body broke off
+            Shadower.skip(route.name, "incomplete")
+            return
+        if isinstance(body, _StreamedBody) or (
+            body is not None and len(body) > shadow.max_body_bytes
+        ):
+            Shadower.skip(route.name, "body_too_large")
+            return
+        if served_by == shadow.backend:  # the fallback was the shadow backend
+            Shadower.skip(route.name, "same_backend")
+            return
+        primary = Captured(upstream_status, primary_headers, tee.body(), tee.truncated)
+        self.runtime.shadower.submit(
+            Job(
+                policy=shadow,
+                pools=snap.pools,
+                primary_backend=served_by,
+                method=method,
+                endpoint=shadow.endpoint(method, path),
+                target=target,
+                headers=headers,
+                body=body,
+                primary=primary,
+                preserve_host=route.preserve_host,
+            )
+        )
+
     async def _stream(
         self,
         resp: UpstreamResponse,
@@ -665,9 +728,11 @@ class ProxyApp:
         send: Send,
         body: bytes | _StreamedBody | None,
         prefix: list[bytes] | None = None,
+        tee: Tee | None = None,
     ) -> int:
         """Send the upstream response to the client; returns the status to record.
-        ``prefix`` holds body chunks already read (by the cache)."""
+        ``prefix`` holds body chunks already read (by the cache); ``tee`` keeps
+        a bounded copy of the body (for shadow comparison)."""
         watcher: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -677,6 +742,8 @@ class ProxyApp:
             if prefix:
                 last = resp.at_eof()
                 for i, chunk in enumerate(prefix):
+                    if tee is not None:
+                        tee.add(chunk)
                     more = not last or i < len(prefix) - 1
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
                 if last:
@@ -686,6 +753,8 @@ class ProxyApp:
                 # for the next one: streamed responses such as server-sent
                 # events must not lag); the last is marked without an extra read.
                 chunk = await resp.read_chunk()
+                if tee is not None:
+                    tee.add(chunk)
                 if not chunk or resp.at_eof():
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return status

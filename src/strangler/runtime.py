@@ -39,6 +39,7 @@ from strangler.config import RouteFile
 from strangler.exceptions import ConfigError
 from strangler.resilience import Breaker, Guard, RetryPolicy
 from strangler.routing import RouteTable, compile_table
+from strangler.shadow import Shadower, ShadowPolicy
 from strangler.shared import SharedState
 from strangler.upstream import Forwarding, Pool, create_pool
 
@@ -86,6 +87,8 @@ class Snapshot:
     access_log: bool = field(default=False)
     #: Cache policy per route name, for the routes that cache.
     caches: Mapping[str, RoutePolicy] = field(default_factory=dict)
+    #: Shadow policy per route name, for the routes that shadow.
+    shadows: Mapping[str, ShadowPolicy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +148,8 @@ class Runtime:
         self._current: Snapshot | None = None
         #: The response cache (both layers); outlives reloads.
         self.cache = ResponseCache(0, None, "strangler:")
+        #: Shadow copies and their stats; outlives reloads.
+        self.shadower = Shadower()
         self.last_error: tuple[str, ...] = ()
         self.last_error_at: float | None = None
 
@@ -186,6 +191,7 @@ class Runtime:
             self.shared,
             cfg.redis.prefix if cfg.redis else "strangler:",
         )
+        self.shadower = Shadower(self.shared, cfg.redis.prefix if cfg.redis else "strangler:")
         await self._install(cfg)
         if self.shared is not None and self._start_pools and self._breaker_sync is None:
             self._breaker_sync = tasks.spawn(
@@ -197,6 +203,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.cache.stop()
+        await self.shadower.stop()
         if self._breaker_sync is not None:
             self._breaker_sync.cancel()
             self._breaker_sync = None
@@ -300,10 +307,14 @@ class Runtime:
             max_header_count=server.limits.max_header_count,
             access_log=self._access_log,
             caches={r.name: RoutePolicy(r.name, r.cache) for r in cfg.routes if r.cache},
+            shadows={r.name: ShadowPolicy(r.name, r.shadow) for r in cfg.routes if r.shadow},
         )
+        self.shadower.configure(server.shadow_concurrency, server.shadow_queue)
         self.cache.memory.max_bytes = server.cache_memory_bytes
         if snap.caches and self._start_pools:
             self.cache.start()  # idempotent: follows other replicas' invalidations
+        if snap.shadows and self._start_pools:
+            self.shadower.start()  # idempotent: adds this process's diff stats to Redis
         self._current = snap
         if self._publish_metrics:
             metrics.CONFIG_GENERATION.set(snap.generation)
