@@ -208,6 +208,23 @@ def cache_miss_scenario(ctx: ScenarioContext) -> Scenario:
     )
 
 
+@scenario("shadow")
+def shadow_scenario(ctx: ScenarioContext) -> Scenario:
+    """The plain path with every GET copied to a shadow backend (the same fast nginx under
+    another name) and compared; 10% of copies also call the primary again for noise."""
+    routes = textwrap.dedent(
+        f"""\
+          candidate: {{url: "{ctx.backend_url}", pool_size: 100}}
+        routes:
+          - name: bench
+            match: {{path_prefix: /}}
+            backends: [{{name: fast, weight: 100}}]
+            shadow: {{backend: candidate, percent: 100}}
+        """
+    )
+    return Scenario(routes_yaml=server_block(ctx) + fast_backend_block(ctx) + routes)
+
+
 # --------------------------------------------------------------------------------------------
 # wrk output parsing
 # --------------------------------------------------------------------------------------------
@@ -228,6 +245,9 @@ class WrkResult:
     socket_errors: dict[str, int] = field(default_factory=dict)
     #: p50 of a separate run with one connection: the per-request cost without queueing.
     unloaded_p50_ms: float | None = None
+    #: p50 of a paced run (``--pace-ms``): every connection waits between requests, so the
+    #: proxy is busy but not saturated, as in production.
+    paced_p50_ms: float | None = None
 
     @property
     def p50_ms(self) -> float | None:
@@ -578,6 +598,8 @@ class LoadSpec:
     duration: int
     #: Path of a wrk Lua script shaping the requests (the scenario's ``wrk_script``).
     script: str | None = None
+    #: Path of a wrk Lua script pacing each connection (``--pace-ms``).
+    pace_script: str | None = None
 
 
 def run_wrk(spec: LoadSpec, url: str, duration: int) -> WrkResult:
@@ -613,6 +635,10 @@ def measure(name: str, spec: LoadSpec, url: str) -> WrkResult:
         wrk=spec.wrk, threads=1, connections=1, duration=UNLOADED_SECONDS, script=spec.script
     )
     result.unloaded_p50_ms = run_wrk(single, url, UNLOADED_SECONDS).p50_ms
+    if spec.pace_script is not None:
+        log(f"{name}: measuring {spec.duration}s paced (latency under moderate load)")
+        paced = replace(spec, script=spec.pace_script, pace_script=None)
+        result.paced_p50_ms = run_wrk(paced, url, spec.duration).p50_ms
     if result.errors:
         log(
             f"WARNING {name}: {result.non_2xx_3xx} non-2xx/3xx responses, socket errors "
@@ -780,6 +806,26 @@ def ratio_line(nginx: WrkResult, gateway: WrkResult, scenario_name: str) -> str:
     return f"{line}, scenario={scenario_name}"
 
 
+def versus_line(base: WrkResult, gateway: WrkResult, args: argparse.Namespace) -> str:
+    """The scenario's cost over another scenario, both on the gateway in this run."""
+    throughput = throughput_ratio(base, gateway)
+    b50, g50 = base.p50_ms or 0.0, gateway.p50_ms or 0.0
+    line = (
+        f"ratio {args.scenario}/{args.versus}: throughput {throughput:.2f}, "
+        f"p50 {g50:.2f} vs {b50:.2f} ms ({(g50 / b50 - 1) * 100 if b50 else 0.0:+.0f}%)"
+    )
+    if base.unloaded_p50_ms and gateway.unloaded_p50_ms:
+        u_b, u_g = base.unloaded_p50_ms, gateway.unloaded_p50_ms
+        line += f", 1-connection p50 {u_g:.2f} vs {u_b:.2f} ms ({(u_g / u_b - 1) * 100:+.0f}%)"
+    if base.paced_p50_ms and gateway.paced_p50_ms:
+        p_b, p_g = base.paced_p50_ms, gateway.paced_p50_ms
+        line += (
+            f", paced ({args.pace_ms} ms) p50 {p_g:.2f} vs {p_b:.2f} ms "
+            f"({(p_g / p_b - 1) * 100:+.0f}%)"
+        )
+    return line
+
+
 def result_dict(result: WrkResult) -> dict[str, object]:
     data = asdict(result)
     data["errors"] = result.errors
@@ -801,6 +847,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (1 leaves CPU to proxies)")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="plain")
     parser.add_argument("--json", type=Path, help="also write all numbers to this JSON file")
+    parser.add_argument(
+        "--pace-ms",
+        type=int,
+        help="also measure p50 with every connection pausing this long between requests "
+        "(moderate load; e.g. 8 with 32 connections is about 3,000 req/s)",
+    )
+    parser.add_argument(
+        "--versus",
+        choices=sorted(SCENARIOS),
+        help="also measure the gateway on this scenario and print the scenario's cost over it "
+        "(e.g. --scenario shadow --versus plain)",
+    )
     parser.add_argument(
         "--only",
         choices=("nginx", "gateway"),
@@ -852,6 +910,10 @@ def run(args: argparse.Namespace) -> int:
             script = workdir / "requests.lua"
             script.write_text(shape.wrk_script)
             spec = replace(spec, script=str(script))
+        if args.pace_ms:
+            pace = workdir / "pace.lua"
+            pace.write_text(f"function delay()\n  return {args.pace_ms}\nend\n")
+            spec = replace(spec, pace_script=str(pace))
         backend_port = free_port()
         backend = lambda prefix: backend_conf(prefix, backend_port)  # noqa: E731
         with start_nginx(nginx, workdir, "backend", backend) as backend_proc:
@@ -865,6 +927,12 @@ def run(args: argparse.Namespace) -> int:
                 results["gateway"], profile_path = bench_gateway(
                     workdir, backend_port, spec, args.scenario, profile
                 )
+            if args.versus is not None:
+                if SCENARIOS[args.versus](ScenarioContext("http://unused", 0, 0)).wrk_script:
+                    raise BenchError("--versus needs a scenario without a wrk script")
+                results[f"gw-{args.versus}"], _ = bench_gateway(
+                    workdir, backend_port, replace(spec, script=None), args.versus, None
+                )
 
     print(
         f"scenario={args.scenario} duration={args.duration}s connections={args.connections} "
@@ -877,6 +945,10 @@ def run(args: argparse.Namespace) -> int:
     ratio: str | None = None
     if "nginx" in results and "gateway" in results:
         ratio = ratio_line(results["nginx"], results["gateway"], args.scenario)
+
+    versus: str | None = None
+    if args.versus is not None and "gateway" in results:
+        versus = versus_line(results[f"gw-{args.versus}"], results["gateway"], args)
 
     if args.json is not None:
         payload = {
@@ -906,6 +978,8 @@ def run(args: argparse.Namespace) -> int:
 
     if ratio is not None:
         print(ratio)
+    if versus is not None:
+        print(versus)
     return 0
 
 

@@ -66,6 +66,8 @@ MAX_SIGNATURES = 200
 OVERFLOW_SIGNATURE = "\x1eoverflow"
 #: Compare in a thread above this many body bytes (keeps the event loop free).
 THREAD_COMPARE_BYTES = 64 * 1024
+#: Paths whose endpoint name is remembered (per route).
+ENDPOINT_MEMO = 4096
 FLUSH_INTERVAL = 1.0
 SEP = "\x1f"
 FIELD_SEP = "\x1e"
@@ -114,6 +116,8 @@ class ShadowPolicy:
         "absolute",
         "options",
         "templater",
+        "_endpoints",
+        "_outcomes",
     )
 
     def __init__(self, route: str, settings: Shadow) -> None:
@@ -129,6 +133,8 @@ class ShadowPolicy:
         self.absolute = settings.absolute_threshold / 100.0
         self.options = settings.compare.options()
         self.templater = diff.Templater(settings.endpoints)
+        self._endpoints: dict[tuple[str, str], str] = {}
+        self._outcomes: dict[str, Any] = {}
 
     def wants(self, method: str, backend: str) -> bool:
         """Copy this request? (Counts the copies skipped because the primary
@@ -144,7 +150,21 @@ class ShadowPolicy:
         return True
 
     def endpoint(self, method: str, path: str) -> str:
-        return f"{method} {self.templater.template(path)}"
+        """``GET /api/orders/{n}``; remembered for the paths seen last (bounded)."""
+        key = (method, path)
+        name = self._endpoints.get(key)
+        if name is None:
+            if len(self._endpoints) >= ENDPOINT_MEMO:
+                self._endpoints.clear()
+            name = self._endpoints[key] = f"{method} {self.templater.template(path)}"
+        return name
+
+    def count(self, outcome: str) -> None:
+        """``strangler_shadow_requests_total{route, outcome}`` += 1, children cached."""
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = metrics.SHADOW_REQUESTS.labels(self.route, outcome)
+        child.inc()
 
 
 @dataclass(slots=True)
@@ -420,10 +440,10 @@ class Shadower:
         policy = job.policy
         route = policy.route
         try:
-            candidate = await asyncio.wait_for(self._fetch(job, policy.backend), policy.timeout)
+            candidate = await self._fetch(job, policy.backend)
         except (UpstreamError, TimeoutError, OSError) as exc:
             logger.debug("shadow copy to %s failed: %s", policy.backend, exc)
-            metrics.SHADOW_REQUESTS.labels(route, "error").inc()
+            policy.count("error")
             self.stats.record(route, job.endpoint, None, None)
             return
         diffs = await _compare(job.primary, candidate, policy.options)
@@ -434,17 +454,17 @@ class Shadower:
             and _random.random() < policy.noise_fraction
         ):
             try:
-                again = await asyncio.wait_for(
-                    self._fetch(job, job.primary_backend), policy.timeout
-                )
+                again = await self._fetch(job, job.primary_backend)
             except (UpstreamError, TimeoutError, OSError):
                 metrics.SHADOW_SKIPPED.labels(route, "noise_failed").inc()
             else:
                 noise = await _compare(job.primary, again, policy.options)
         self.stats.record(route, job.endpoint, diffs, noise)
-        metrics.SHADOW_REQUESTS.labels(route, "mismatch" if diffs else "match").inc()
+        policy.count("mismatch" if diffs else "match")
 
     async def _fetch(self, job: Job, backend: str) -> diff.Captured:
+        """Send once (the shadow timeout bounds the wait for the head, the
+        backend's read timeout each body chunk) and capture, bounded."""
         pool = job.pools[backend]
         headers = job.headers
         if not job.preserve_host:
