@@ -189,7 +189,7 @@ class Entry:
                 stale_while_revalidate=float(meta.get("swr", 0.0)),
                 stale_if_error=float(meta.get("sie", 0.0)),
             )
-        except (ValueError, KeyError, TypeError, UnicodeError):
+        except (ValueError, KeyError, TypeError, UnicodeError, AttributeError):
             return None
 
 
@@ -493,6 +493,7 @@ class RoutePolicy:
             and entry.etag is None
             and entry.last_modified is None
             and entry.stale_if_error <= 0
+            and entry.stale_while_revalidate <= 0
         ):
             return "no-freshness"
         return entry
@@ -634,11 +635,15 @@ class PurgeRequest:
     def matches(self, key: str, key_prefix: str) -> bool:
         """Does this key (``<prefix>cache:<route>:<scope>:<path>?<q>@<host>``) match?"""
         rest = key[len(key_prefix) + len("cache:") :]
-        route, _, rest = rest.partition(":")
-        _scope, _, tail = rest.partition(":")
+        # Route names may hold ':' (never '/'); the path starts with '/'.
+        head, sep, tail = rest.partition(":/")
+        route = head.rpartition(":")[0]
+        tail = sep[1:] + tail
         if self.route is not None and route != self.route:
             return False
-        target = tail.rpartition("@")[0]
+        target, at, host = tail.rpartition("@")
+        if not at or "#" in host:  # a long key: its tail was cut and hashed (see `key`)
+            target = tail.rpartition("#")[0]
         if self.prefix is not None and not target.startswith(self.prefix):
             return False
         return not (self.url is not None and target != self.url)
