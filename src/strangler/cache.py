@@ -572,9 +572,9 @@ class MemoryLayer:
         live = [e for e in entries if not e.expired(now)]
         if len(live) != len(entries):
             self.bytes -= sum(e.size for e in entries) - sum(e.size for e in live)
+            self._gauge()
             if not live:
                 del self._data[key]
-                self._gauge()
                 return None
             self._data[key] = (route, live)
         self._data.move_to_end(key)
@@ -644,7 +644,7 @@ class PurgeRequest:
         target, at, host = tail.rpartition("@")
         if not at or "#" in host:  # a long key: its tail was cut and hashed (see `key`)
             target = tail.rpartition("#")[0]
-        if self.prefix is not None and not target.startswith(self.prefix):
+        if self.prefix is not None and not _under(target, self.prefix):
             return False
         return not (self.url is not None and target != self.url)
 
@@ -654,6 +654,22 @@ class PurgeRequest:
             for k, v in (("route", self.route), ("prefix", self.prefix), ("url", self.url))
             if v
         }
+
+
+def _under(target: str, prefix: str) -> bool:
+    """Is ``path?query`` at or under ``prefix``, on a segment boundary (as a
+    route's ``path_prefix``: ``/api`` covers ``/api/x`` and ``/api?q``, not ``/apix``)?"""
+    if not target.startswith(prefix):
+        return False
+    if len(target) == len(prefix) or prefix.endswith("/"):
+        return True
+    return target[len(prefix)] in "/?"
+
+
+_UNLOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 def _glob_escape(text: str) -> str:
@@ -670,7 +686,9 @@ class ResponseCache:
         self._flights: dict[str, asyncio.Future[Entry | None]] = {}
         self._pending_writes = 0
         self._origin = f"{os.getpid()}-{id(self):x}"
-        self._last_event = "$"
+        # Follow events from a little before now (stream ids are Redis's clock in ms;
+        # re-applying an old invalidation to a fresh in-process layer is harmless).
+        self._last_event = f"{int((time.time() - 5.0) * 1000)}-0"
         self._sync: asyncio.Task[None] | None = None
 
     # -- lifecycle
@@ -751,9 +769,14 @@ class ResponseCache:
         return bool(held)
 
     async def release_lock(self, key: str) -> None:
+        """Delete the fill lock if it is still ours (it may have expired and
+        been taken by another replica)."""
         shared = self.shared
         if shared is not None:
-            await shared.run("cache unlock", lambda: shared.redis.delete(f"{key}|lock"))
+            await shared.run(
+                "cache unlock",
+                lambda: shared.redis.eval(_UNLOCK, 1, f"{key}|lock", self._origin),
+            )
 
     async def wait_for_fill(
         self, key: str, timeout: float, now: Callable[[], float]
@@ -891,15 +914,6 @@ class ResponseCache:
             await self.apply_events(shared)
 
     async def apply_events(self, shared: SharedState) -> None:
-        if self._last_event == "$":
-            # Start from the stream's current end (nothing before us matters).
-            info: Any = await shared.run(
-                "cache events", lambda: shared.redis.xrevrange(self._events_key, count=1)
-            )
-            if info is None:
-                return
-            self._last_event = info[0][0].decode() if info else "0-0"
-            return
         got: Any = await shared.run(
             "cache events",
             lambda: shared.redis.xread({self._events_key: self._last_event}, count=500),
