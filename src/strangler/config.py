@@ -596,6 +596,11 @@ class Server(_Model):
     shadow_queue: int = Field(
         default=1000, ge=1, description="Copies waiting to be sent; more are dropped (counted)."
     )
+    shadow_worker: bool = Field(
+        default=True,
+        description="Send shadow copies and compare them in a child process, so their CPU "
+        "is not taken from client requests (off: in the gateway's own event loop).",
+    )
     shadow_concurrency: int = Field(
         default=32, ge=1, description="Copies in flight at once (per process)."
     )

@@ -705,17 +705,9 @@ class ProxyApp:
         primary = Captured(upstream_status, primary_headers, tee.body(), tee.truncated)
         self.runtime.shadower.submit(
             Job(
-                policy=shadow,
-                pools=snap.pools,
-                primary_backend=served_by,
-                method=method,
-                endpoint=shadow.endpoint(method, path),
-                target=target,
-                headers=headers,
-                body=body,
-                primary=primary,
-                preserve_host=route.preserve_host,
-            )
+                route.name, served_by, method, path, target, headers, body, primary,
+                route.preserve_host,
+            )  # fmt: skip
         )
 
     async def _stream(

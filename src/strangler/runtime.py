@@ -40,6 +40,7 @@ from strangler.exceptions import ConfigError
 from strangler.resilience import Breaker, Guard, RetryPolicy
 from strangler.routing import RouteTable, compile_table
 from strangler.shadow import Shadower, ShadowPolicy
+from strangler.shadowproc import ShadowProcess
 from strangler.shared import SharedState
 from strangler.upstream import Forwarding, Pool, create_pool
 
@@ -149,7 +150,8 @@ class Runtime:
         #: The response cache (both layers); outlives reloads.
         self.cache = ResponseCache(0, None, "strangler:")
         #: Shadow copies and their stats; outlives reloads.
-        self.shadower = Shadower()
+        self.shadower = Shadower(resolve=self._shadow_target)
+        self._shadow_proc: ShadowProcess | None = None
         self.last_error: tuple[str, ...] = ()
         self.last_error_at: float | None = None
 
@@ -191,7 +193,9 @@ class Runtime:
             self.shared,
             cfg.redis.prefix if cfg.redis else "strangler:",
         )
-        self.shadower = Shadower(self.shared, cfg.redis.prefix if cfg.redis else "strangler:")
+        self.shadower = Shadower(
+            self.shared, cfg.redis.prefix if cfg.redis else "strangler:", self._shadow_target
+        )
         await self._install(cfg)
         if self.shared is not None and self._start_pools and self._breaker_sync is None:
             self._breaker_sync = tasks.spawn(
@@ -203,6 +207,9 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.cache.stop()
+        if self._shadow_proc is not None:
+            await self._shadow_proc.stop()
+            self._shadow_proc = None
         await self.shadower.stop()
         if self._breaker_sync is not None:
             self._breaker_sync.cancel()
@@ -315,6 +322,7 @@ class Runtime:
             self.cache.start()  # idempotent: follows other replicas' invalidations
         if snap.shadows and self._start_pools:
             self.shadower.start()  # idempotent: adds this process's diff stats to Redis
+            await self._shadow_worker(cfg)
         self._current = snap
         if self._publish_metrics:
             metrics.CONFIG_GENERATION.set(snap.generation)
@@ -336,6 +344,28 @@ class Runtime:
             else:
                 guards[name] = Guard(name, breaker, budget, on_open=self._breaker_opened)
         return guards
+
+    async def _shadow_worker(self, cfg: RouteFile) -> None:
+        """Copies go through a child process unless ``server.shadow_worker`` is off."""
+        if not cfg.server.shadow_worker:
+            if self._shadow_proc is not None:
+                await self._shadow_proc.stop()
+                self._shadow_proc = None
+            self.shadower.offload = None
+            return
+        if self._shadow_proc is None:
+            self._shadow_proc = ShadowProcess(self.shadower)
+            await self._shadow_proc.start(cfg)
+            self.shadower.offload = self._shadow_proc.submit
+        else:
+            self._shadow_proc.configure(cfg)
+
+    def _shadow_target(self, route: str) -> tuple[ShadowPolicy, Mapping[str, Pool]] | None:
+        """The current policy and pools for a route's shadow copies."""
+        snap = self._current
+        if snap is None or route not in snap.shadows:
+            return None
+        return snap.shadows[route], snap.pools
 
     def _breaker_opened(self, breaker: Breaker) -> None:
         """A breaker opened on this replica's own failures: tell the others."""

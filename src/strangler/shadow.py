@@ -40,7 +40,7 @@ import logging
 import random
 import re
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,32 @@ SEP = "\x1f"
 FIELD_SEP = "\x1e"
 
 _random = random.Random()
+_SHADOW_MARK = (b"x-strangler-shadow", b"1")
+
+_outcome_children: dict[tuple[str, str], Any] = {}
+
+
+def _to_metrics(kind: str, route: str, label: str, n: int = 1) -> None:
+    if kind == "requests":
+        child = _outcome_children.get((route, label))
+        if child is None:
+            child = _outcome_children[(route, label)] = metrics.SHADOW_REQUESTS.labels(
+                route, label
+            )
+        child.inc(n)
+    else:  # "skipped" (a request not copied) or "capped" (a reason only)
+        metrics.SHADOW_SKIPPED.labels(route, label).inc(n)
+        if kind == "skipped":
+            metrics.SHADOW_REQUESTS.labels(route, "skipped").inc(n)
+
+
+#: Where counts go: the metrics, or (in the shadow worker process) a batch for the gateway.
+count: Callable[..., None] = _to_metrics
+
+
+def set_sink(sink: Callable[..., None]) -> None:
+    global count
+    count = sink
 
 
 class Tee:
@@ -117,7 +143,6 @@ class ShadowPolicy:
         "options",
         "templater",
         "_endpoints",
-        "_outcomes",
     )
 
     def __init__(self, route: str, settings: Shadow) -> None:
@@ -134,7 +159,6 @@ class ShadowPolicy:
         self.options = settings.compare.options()
         self.templater = diff.Templater(settings.endpoints)
         self._endpoints: dict[tuple[str, str], str] = {}
-        self._outcomes: dict[str, Any] = {}
 
     def wants(self, method: str, backend: str) -> bool:
         """Copy this request? (Counts the copies skipped because the primary
@@ -144,8 +168,7 @@ class ShadowPolicy:
         if self.fraction < 1.0 and _random.random() >= self.fraction:
             return False
         if backend == self.backend:
-            metrics.SHADOW_REQUESTS.labels(self.route, "skipped").inc()
-            metrics.SHADOW_SKIPPED.labels(self.route, "same_backend").inc()
+            count("skipped", self.route, "same_backend")
             return False
         return True
 
@@ -159,28 +182,41 @@ class ShadowPolicy:
             name = self._endpoints[key] = f"{method} {self.templater.template(path)}"
         return name
 
-    def count(self, outcome: str) -> None:
-        """``strangler_shadow_requests_total{route, outcome}`` += 1, children cached."""
-        child = self._outcomes.get(outcome)
-        if child is None:
-            child = self._outcomes[outcome] = metrics.SHADOW_REQUESTS.labels(self.route, outcome)
-        child.inc()
-
 
 @dataclass(slots=True)
 class Job:
-    """One copy to send and compare."""
+    """One copy to send and compare (plain data: it crosses to the shadow
+    worker process)."""
 
-    policy: ShadowPolicy
-    pools: Mapping[str, Pool]
+    route: str
     primary_backend: str
     method: str
-    endpoint: str
+    path: str
     target: str
     headers: list[tuple[bytes, bytes]]
     body: bytes | None
     primary: diff.Captured
     preserve_host: bool
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        p = self.primary
+        return (
+            self.route, self.primary_backend, self.method, self.path, self.target,
+            self.headers, self.body, p.status, p.headers, p.body, p.truncated,
+            self.preserve_host,
+        )  # fmt: skip
+
+    @classmethod
+    def from_tuple(cls, t: tuple[Any, ...]) -> Job:
+        route, backend, method, path, target, headers, body, st, ph, pb, trunc, keep = t
+        return cls(
+            route, backend, method, path, target, headers, body,
+            diff.Captured(st, ph, pb, trunc), keep,
+        )  # fmt: skip
+
+
+#: What a `Shadower` needs to run a route's copies: its policy and the pools.
+Resolver = Callable[[str], "tuple[ShadowPolicy, Mapping[str, Pool]] | None"]
 
 
 # --------------------------------------------------------------------------- stats
@@ -209,7 +245,7 @@ class ShadowStats:
         if endpoint in known:
             return endpoint
         if len(known) >= MAX_ENDPOINTS:
-            metrics.SHADOW_SKIPPED.labels(route, "endpoint_cap").inc()
+            count("capped", route, "endpoint_cap")
             return OTHER_ENDPOINT
         known.add(endpoint)
         return endpoint
@@ -279,6 +315,20 @@ class ShadowStats:
             self.delta.setdefault(route, Counter()).update(counts)
         for route, items in samples.items():
             self.new_samples.setdefault(route, {}).update(items)
+
+    def absorb(
+        self, delta: dict[str, Counter[str]], samples: dict[str, dict[str, tuple[str, str]]]
+    ) -> None:
+        """Counts made elsewhere (the shadow worker process), already capped there."""
+        for route, counts in delta.items():
+            self.totals.setdefault(route, Counter()).update(counts)
+            self.delta.setdefault(route, Counter()).update(counts)
+        for route, items in samples.items():
+            mine = self.samples.setdefault(route, {})
+            for key, pair in items.items():
+                if key not in mine:
+                    mine[key] = pair
+                    self.new_samples.setdefault(route, {})[key] = pair
 
     def reset(self, route: str | None = None) -> None:
         for table in (self.totals, self.samples, self.delta, self.new_samples, self._endpoints):
@@ -379,9 +429,17 @@ def route_report(
 class Shadower:
     """Sends copies off the request path, bounded, and keeps the stats."""
 
-    def __init__(self, shared: SharedState | None = None, prefix: str = "strangler:") -> None:
+    def __init__(
+        self,
+        shared: SharedState | None = None,
+        prefix: str = "strangler:",
+        resolve: Resolver | None = None,
+    ) -> None:
         self.shared = shared
         self.prefix = prefix
+        self.resolve: Resolver = resolve or (lambda route: None)
+        #: Sends jobs to the shadow worker process instead of running them here.
+        self.offload: Callable[[Job], None] | None = None
         self.stats = ShadowStats()
         self.concurrency = 32
         self.queue_size = 1000
@@ -407,7 +465,9 @@ class Shadower:
     # -- intake (on the request path: cheap, never blocks)
 
     def submit(self, job: Job) -> None:
-        route = job.policy.route
+        if self.offload is not None:
+            self.offload(job)
+            return
         if self.active < self.concurrency:
             self.active += 1
             tasks.spawn(self._work(job), name="shadow-copy")
@@ -415,12 +475,11 @@ class Shadower:
             self.pending.append(job)
             metrics.SHADOW_QUEUE.set(len(self.pending))
         else:
-            metrics.SHADOW_REQUESTS.labels(route, "dropped").inc()
+            count("requests", job.route, "dropped")
 
     @staticmethod
     def skip(route: str, reason: str) -> None:
-        metrics.SHADOW_REQUESTS.labels(route, "skipped").inc()
-        metrics.SHADOW_SKIPPED.labels(route, reason).inc()
+        count("skipped", route, reason)
 
     async def _work(self, job: Job | None) -> None:
         try:
@@ -437,14 +496,19 @@ class Shadower:
     # -- one copy
 
     async def _run(self, job: Job) -> None:
-        policy = job.policy
-        route = policy.route
+        route = job.route
+        resolved = self.resolve(route)
+        if resolved is None:  # the route stopped shadowing (a reload)
+            count("skipped", route, "reloaded")
+            return
+        policy, pools = resolved
+        endpoint = policy.endpoint(job.method, job.path)
         try:
-            candidate = await self._fetch(job, policy.backend)
-        except (UpstreamError, TimeoutError, OSError) as exc:
+            candidate = await self._fetch(job, policy, pools, policy.backend)
+        except (UpstreamError, TimeoutError, OSError, KeyError) as exc:
             logger.debug("shadow copy to %s failed: %s", policy.backend, exc)
-            policy.count("error")
-            self.stats.record(route, job.endpoint, None, None)
+            count("requests", route, "error")
+            self.stats.record(route, endpoint, None, None)
             return
         diffs = await _compare(job.primary, candidate, policy.options)
         noise: dict[str, tuple[str, str]] | None = None
@@ -454,25 +518,27 @@ class Shadower:
             and _random.random() < policy.noise_fraction
         ):
             try:
-                again = await self._fetch(job, job.primary_backend)
-            except (UpstreamError, TimeoutError, OSError):
-                metrics.SHADOW_SKIPPED.labels(route, "noise_failed").inc()
+                again = await self._fetch(job, policy, pools, job.primary_backend)
+            except (UpstreamError, TimeoutError, OSError, KeyError):
+                count("capped", route, "noise_failed")
             else:
                 noise = await _compare(job.primary, again, policy.options)
-        self.stats.record(route, job.endpoint, diffs, noise)
-        policy.count("mismatch" if diffs else "match")
+        self.stats.record(route, endpoint, diffs, noise)
+        count("requests", route, "mismatch" if diffs else "match")
 
-    async def _fetch(self, job: Job, backend: str) -> diff.Captured:
+    async def _fetch(
+        self, job: Job, policy: ShadowPolicy, pools: Mapping[str, Pool], backend: str
+    ) -> diff.Captured:
         """Send once (the shadow timeout bounds the wait for the head, the
         backend's read timeout each body chunk) and capture, bounded."""
-        pool = job.pools[backend]
+        pool = pools[backend]
         headers = job.headers
-        if not job.preserve_host:
-            headers = [(b"host", pool.host_header), *(h for h in headers if h[0] != b"host")]
-        if backend == job.policy.backend:
-            headers = [*headers, (b"x-strangler-shadow", b"1")]
-        resp = await pool.send(job.method, job.target, headers, job.body, job.policy.timeout)
-        tee = Tee(job.policy.max_response_bytes)
+        if not job.preserve_host:  # Host is always first (`build_request_headers`)
+            headers = [(b"host", pool.host_header), *headers[1:]]
+        if backend == policy.backend:
+            headers = [*headers, _SHADOW_MARK]
+        resp = await pool.send(job.method, job.target, headers, job.body, policy.timeout)
+        tee = Tee(policy.max_response_bytes)
         try:
             if job.method != "HEAD":
                 while not resp.at_eof():
