@@ -82,9 +82,7 @@ def _to_metrics(kind: str, route: str, label: str, n: int = 1) -> None:
     if kind == "requests":
         child = _outcome_children.get((route, label))
         if child is None:
-            child = _outcome_children[(route, label)] = metrics.SHADOW_REQUESTS.labels(
-                route, label
-            )
+            child = _outcome_children[(route, label)] = metrics.SHADOW_REQUESTS.labels(route, label)
         child.inc(n)
     else:  # "skipped" (a request not copied) or "capped" (a reason only)
         metrics.SHADOW_SKIPPED.labels(route, label).inc(n)
@@ -285,11 +283,12 @@ class ShadowStats:
             fields = [f for f in diffs if self._field_ok(route, ep, f)]
             for f in fields:
                 self._add(route, f"{ep}{SEP}d{SEP}{f}")
-                samples = self.samples.setdefault(route, {})
+                # Every delta carries an example of each field it counts: a
+                # reset elsewhere (another replica, the gateway of this shadow
+                # worker) may have dropped the one sent before.
                 skey = f"{ep}{SEP}{f}"
-                if skey not in samples:
-                    samples[skey] = diffs[f]
-                    self.new_samples.setdefault(route, {})[skey] = diffs[f]
+                self.samples.setdefault(route, {}).setdefault(skey, diffs[f])
+                self.new_samples.setdefault(route, {}).setdefault(skey, diffs[f])
             signature = FIELD_SEP.join(sorted(diffs))
             sigs = self._signatures.setdefault((route, ep), set())
             if signature not in sigs and len(sigs) >= MAX_SIGNATURES:
@@ -325,10 +324,10 @@ class ShadowStats:
             self.delta.setdefault(route, Counter()).update(counts)
         for route, items in samples.items():
             mine = self.samples.setdefault(route, {})
+            pending = self.new_samples.setdefault(route, {})
             for key, pair in items.items():
-                if key not in mine:
-                    mine[key] = pair
-                    self.new_samples.setdefault(route, {})[key] = pair
+                mine.setdefault(key, pair)
+                pending.setdefault(key, pair)  # Redis keeps the first (HSETNX)
 
     def reset(self, route: str | None = None) -> None:
         for table in (self.totals, self.samples, self.delta, self.new_samples, self._endpoints):
