@@ -705,7 +705,14 @@ class ProxyApp:
         primary = Captured(upstream_status, primary_headers, tee.body(), tee.truncated)
         self.runtime.shadower.submit(
             Job(
-                route.name, served_by, method, path, target, headers, body, primary,
+                route.name,
+                served_by,
+                method,
+                path,
+                target,
+                headers,
+                body,
+                primary,
                 route.preserve_host,
             )  # fmt: skip
         )
