@@ -121,7 +121,7 @@ class Tee:
         self.size += len(chunk)
 
     def body(self) -> bytes:
-        return b"".join(self.parts)
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
 
 class ShadowPolicy:

@@ -9,7 +9,7 @@ gateway only pickles a tuple and appends it to a pipe, batched per loop turn.
 The pipe carries length-prefixed pickles, both ways:
 
 * gateway → worker: ``("config", RouteFile)`` at start and on every reload,
-  then ``("job", Job.as_tuple())`` per copy;
+  then ``("jobs", [Job.as_tuple(), ...])``, the copies of one loop turn;
 * worker → gateway, every `REPORT_INTERVAL`: ``("stats", delta, samples,
   counts, pending)``: the comparison counts (`ShadowStats.take_delta`), the
   metric counts, and the worker's queue length. The gateway adds them to its
@@ -82,6 +82,7 @@ class ShadowProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: list[bytes] = []
+        self._jobs: list[tuple[Any, ...]] = []
         self._flush_scheduled = False
         self._stopping = False
         self._next_start = 0.0
@@ -128,17 +129,27 @@ class ShadowProcess:
         if transport.get_write_buffer_size() > MAX_PIPE_BYTES:
             shadow.count("requests", job.route, "dropped")
             return
-        self._send(("job", job.as_tuple()))
+        self._jobs.append(job.as_tuple())
+        self._schedule_flush()
 
     def _send(self, message: tuple[Any, ...]) -> None:
+        if self._jobs:  # keep the order: jobs queued before this message go first
+            self._pending.append(_frame(("jobs", self._jobs)))
+            self._jobs = []
         self._pending.append(_frame(message))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """One write per loop turn for all the copies of that turn."""
+        """One pickle and one write per loop turn for all the copies of that turn."""
         self._flush_scheduled = False
+        if self._jobs:
+            self._pending.append(_frame(("jobs", self._jobs)))
+            self._jobs = []
         pending, self._pending = self._pending, []
         proc = self._proc
         if proc is None or proc.stdin is None or proc.stdin.is_closing():
@@ -285,8 +296,9 @@ async def _worker_main() -> None:
             if message is None:
                 break  # the gateway is gone
             kind = message[0]
-            if kind == "job":
-                worker.shadower.submit(Job.from_tuple(message[1]))
+            if kind == "jobs":
+                for job in message[1]:
+                    worker.shadower.submit(Job.from_tuple(job))
             elif kind == "config":
                 await worker.configure(message[1])
     finally:
