@@ -487,7 +487,12 @@ class Shadow(_Model):
         default=False,
         description="Allow POST/PUT/PATCH/DELETE in methods; copies carry X-Strangler-Shadow: 1.",
     )
-    timeout: Duration = Field(default=5.0, gt=0, description="Bound on each copy, whole.")
+    timeout: Duration = Field(
+        default=5.0,
+        gt=0,
+        description="Bound on the wait for a copy's response head (body chunks: the "
+        "backend's read timeout). Copies are never retried.",
+    )
     max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=0,

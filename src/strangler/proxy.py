@@ -7,8 +7,10 @@
     snapshot = runtime.current              (immutable; swapped on reload)
     route = snapshot.table.match(...)       (first match in file order)
     backend = route.choose(...)             (override → sticky bucket → weights)
-    call the backend                        (upstream pool; errors → 502/504)
-    stream the response back
+    GET/HEAD on a caching route             (cache hit → answer; miss → fill, once per key)
+    call the backend                        (breaker, retries, deadline; fallback)
+    stream the response back                (an unsafe method first invalidates the cache)
+    hand a copy to the shadower             (after the client has its answer)
     record metrics and the access log
 
 Starlette's Request/Response objects cost about a third of the throughput
