@@ -932,10 +932,12 @@ def run(args: argparse.Namespace) -> int:
                     workdir, backend_port, spec, args.scenario, profile
                 )
             if args.versus is not None:
+                # The same requests (the scenario's wrk script, if any) for both scenarios:
+                # a Lua request() makes wrk itself slower, so it must shape both runs.
                 if SCENARIOS[args.versus](ScenarioContext("http://unused", 0, 0)).wrk_script:
                     raise BenchError("--versus needs a scenario without a wrk script")
                 results[f"gw-{args.versus}"], _ = bench_gateway(
-                    workdir, backend_port, replace(spec, script=None), args.versus, None
+                    workdir, backend_port, spec, args.versus, None
                 )
 
     print(

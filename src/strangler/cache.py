@@ -114,28 +114,29 @@ class Entry:
     control: cc.CacheControl = field(default_factory=lambda: cc.CacheControl({}))
     etag: bytes | None = None
     last_modified: bytes | None = None
-    #: Derived once: ``no-cache`` said, the names varied on, when to drop it.
+    #: Derived once: ``no-cache`` said, the names varied on, when to drop it, its size.
     no_cache: bool = False
     vary_names: frozenset[str] = frozenset()
     expires_at: float = 0.0
+    size: int = 0
 
     def __post_init__(self) -> None:
         values: list[bytes] = []
+        size = len(self.body) + 200
         for name, value in self.headers:
+            size += len(name) + len(value) + 4
             if name == b"cache-control":
                 values.append(value)
             elif name == b"etag":
                 self.etag = value
             elif name == b"last-modified":
                 self.last_modified = value
-        self.control = cc.CacheControl.parse(values)
+        if not self.control.directives:
+            self.control = cc.CacheControl.parse(values)
         self.no_cache = self.control.has("no-cache")
         self.vary_names = frozenset(n for n, _ in self.vary)
         self.expires_at = self.response_time + self.keep_for()
-
-    @property
-    def size(self) -> int:
-        return len(self.body) + sum(len(n) + len(v) + 4 for n, v in self.headers) + 200
+        self.size = size
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)
@@ -487,6 +488,7 @@ class RoutePolicy:
             backend=backend,
             stale_while_revalidate=float(swr) if swr is not None else self.swr,
             stale_if_error=float(sie) if sie is not None else self.sie,
+            control=response_cc,
         )
         if (
             lifetime <= initial_age
@@ -526,6 +528,7 @@ class RoutePolicy:
             # Still usable for this one answer, just not worth keeping fresh.
             return replace(
                 entry,
+                control=cc.CacheControl({}),  # parsed again from the merged headers
                 headers=merged,
                 request_time=request_time,
                 response_time=response_time,
@@ -797,7 +800,7 @@ class ResponseCache:
     def store(self, key: str, route: str, entry: Entry) -> None:
         """Keep the entry in this process now; write it to Redis in the background."""
         if self.memory.put(key, route, entry):
-            metrics.CACHE_STORES.labels(route, "memory").inc()
+            metrics.cache_store(route, "memory").inc()
         shared = self.shared
         if shared is None:
             return

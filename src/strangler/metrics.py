@@ -249,6 +249,17 @@ def cache_result(route: str, result: str) -> Any:
     return child
 
 
+_cache_stores: dict[tuple[str, str], Any] = {}
+
+
+def cache_store(route: str, layer: str) -> Any:
+    """The cached ``strangler_cache_stores_total`` child."""
+    child = _cache_stores.get((route, layer))
+    if child is None:
+        child = _cache_stores[(route, layer)] = CACHE_STORES.labels(route, layer)
+    return child
+
+
 _weights: dict[str, dict[str, int]] = {}
 
 

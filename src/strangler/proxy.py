@@ -968,7 +968,7 @@ class ProxyApp:
             )
         finally:
             cache.end_flight(key, flight, stored)
-            if locked:
+            if locked and cache.shared is not None:
                 tasks.spawn(cache.release_lock(key), name="cache-unlock")
             if not req.background:
                 metrics.INFLIGHT.dec()
