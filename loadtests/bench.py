@@ -180,10 +180,13 @@ def cache_hit_scenario(ctx: ScenarioContext) -> Scenario:
 
 #: Each request asks for a new URL, so every one is a cache miss that is then stored.
 UNIQUE_URLS_LUA = """\
+-- unique per wrk run (warm-up, measured, 1-connection): the URLs of one run are never
+-- those of another, so every request of every run is a miss
+run = os.time() .. "-" .. string.format("%d", os.clock() * 1000000)
 counter = 0
 request = function()
   counter = counter + 1
-  return wrk.format(nil, "/cached?n=" .. counter .. "-" .. math.random(1000000000))
+  return wrk.format(nil, "/cached?run=" .. run .. "&n=" .. counter)
 end
 """
 

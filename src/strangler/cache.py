@@ -38,7 +38,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, replace
 from typing import Any
 
 from strangler import cachecontrol as cc
@@ -93,10 +93,17 @@ _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 @dataclass(slots=True)
 class Entry:
-    """One stored response."""
+    """One stored response.
+
+    Built to be cheap for the garbage collector, since the in-process layer
+    holds many of them: everything but the instance itself is an atomic
+    value or a tuple of them (which the collector stops tracking), and the
+    parsed ``Cache-Control`` is kept only as the flags the rules need.
+    """
 
     status: int
-    headers: list[tuple[bytes, bytes]]
+    #: Stored as a tuple (any sequence is accepted).
+    headers: Sequence[tuple[bytes, bytes]]
     body: bytes
     #: Wall-clock times of the request that produced it and of its response.
     request_time: float
@@ -111,16 +118,22 @@ class Entry:
     #: Windows in seconds past freshness for stale serving.
     stale_while_revalidate: float = 0.0
     stale_if_error: float = 0.0
-    control: cc.CacheControl = field(default_factory=lambda: cc.CacheControl({}))
+    #: The parsed Cache-Control, when the caller has it (else parsed from the headers).
+    parsed: InitVar[cc.CacheControl | None] = None
     etag: bytes | None = None
     last_modified: bytes | None = None
-    #: Derived once: ``no-cache`` said, the names varied on, when to drop it, its size.
+    #: Derived once: Cache-Control flags, the names varied on, when to drop it, its size.
     no_cache: bool = False
-    vary_names: frozenset[str] = frozenset()
+    #: ``public``, ``s-maxage`` or ``must-revalidate``: may answer requests with Authorization.
+    shareable: bool = False
+    #: Not ``must-revalidate``, ``proxy-revalidate`` or ``no-cache``: may be served stale.
+    may_stale: bool = True
+    vary_names: tuple[str, ...] = ()
     expires_at: float = 0.0
     size: int = 0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, parsed: cc.CacheControl | None) -> None:
+        self.headers = tuple(self.headers)
         values: list[bytes] = []
         size = len(self.body) + 200
         for name, value in self.headers:
@@ -131,12 +144,21 @@ class Entry:
                 self.etag = value
             elif name == b"last-modified":
                 self.last_modified = value
-        if not self.control.directives:
-            self.control = cc.CacheControl.parse(values)
-        self.no_cache = self.control.has("no-cache")
-        self.vary_names = frozenset(n for n, _ in self.vary)
+        control = parsed if parsed is not None else cc.CacheControl.parse(values)
+        self.no_cache = control.has("no-cache")
+        self.shareable = (
+            control.has("public") or control.has("s-maxage") or control.has("must-revalidate")
+        )
+        self.may_stale = cc.may_serve_stale(control)
+        self.vary = tuple(self.vary)
+        self.vary_names = tuple(n for n, _ in self.vary)
         self.expires_at = self.response_time + self.keep_for()
         self.size = size
+
+    @property
+    def control(self) -> cc.CacheControl:
+        """The stored Cache-Control, parsed (not on the request path)."""
+        return cc.CacheControl.parse(v for n, v in self.headers if n == b"cache-control")
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)
@@ -373,7 +395,7 @@ class RoutePolicy:
             return entries[0]  # the common case: nothing varies
         best: Entry | None = None
         for entry in entries:
-            if not entry.vary_names.issuperset(self.vary):
+            if not set(self.vary).issubset(entry.vary_names):
                 continue  # stored before the route varied on more headers
             if all(self.request_value(headers, n) == v for n, v in entry.vary):
                 if best is None or entry.response_time > best.response_time:
@@ -398,7 +420,7 @@ class RoutePolicy:
             fresh = False
         if fresh:
             return Freshness(True, age)
-        may_stale = cc.may_serve_stale(entry.control) and not rc.has("no-cache")
+        may_stale = entry.may_stale and not rc.has("no-cache")
         staleness = age - lifetime
         if may_stale and rc.has("max-stale"):
             limit = rc.seconds("max-stale")
@@ -416,8 +438,7 @@ class RoutePolicy:
     def usable_with_authorization(self, entry: Entry) -> bool:
         """RFC 9111 §3.5: a response may answer a request with Authorization
         only when it says so."""
-        c = entry.control
-        return c.has("public") or c.has("s-maxage") or c.has("must-revalidate")
+        return entry.shareable
 
     # -- storing
 
@@ -488,7 +509,7 @@ class RoutePolicy:
             backend=backend,
             stale_while_revalidate=float(swr) if swr is not None else self.swr,
             stale_if_error=float(sie) if sie is not None else self.sie,
-            control=response_cc,
+            parsed=response_cc,
         )
         if (
             lifetime <= initial_age
@@ -528,8 +549,7 @@ class RoutePolicy:
             # Still usable for this one answer, just not worth keeping fresh.
             return replace(
                 entry,
-                control=cc.CacheControl({}),  # parsed again from the merged headers
-                headers=merged,
+                headers=tuple(merged),
                 request_time=request_time,
                 response_time=response_time,
                 initial_age=0.0,
