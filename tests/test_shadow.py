@@ -30,6 +30,7 @@ from conftest import RedisServer
 from gateway import ADMIN_TOKEN, GatewayProcess, route_file
 from threaded_server import ThreadedServer
 
+from legacy_stub.data import FIRST_NEW_ORDER_ID
 from strangler.config import Server
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("clean_stubs")]
@@ -195,6 +196,17 @@ def diffs_cli(gw: GatewayProcess, *args: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+@pytest.fixture(autouse=True)
+def same_orders(monolith: str, orders: str) -> None:
+    """Both stubs hold only the seed orders. Other tests create orders through
+    one stub or the other, and a list's ``count`` would then differ for real."""
+    for stub in (monolith, orders):
+        listed = httpx.get(stub + "/api/orders?limit=1000", timeout=5).json()["orders"]
+        for order in listed:
+            if order["id"] >= FIRST_NEW_ORDER_ID:
+                httpx.delete(f"{stub}/api/orders/{order['id']}", timeout=5)
 
 
 @pytest.fixture
