@@ -129,6 +129,8 @@ class Entry:
     #: Not ``must-revalidate``, ``proxy-revalidate`` or ``no-cache``: may be served stale.
     may_stale: bool = True
     vary_names: tuple[str, ...] = ()
+    #: The variant's field in the Redis hash (and its identity in memory).
+    vkey: str = ""
     expires_at: float = 0.0
     size: int = 0
 
@@ -152,6 +154,7 @@ class Entry:
         self.may_stale = cc.may_serve_stale(control)
         self.vary = tuple(self.vary)
         self.vary_names = tuple(n for n, _ in self.vary)
+        self.vkey = "\x1f".join(f"{n}={v}" if v is not None else n for n, v in self.vary)
         self.expires_at = self.response_time + self.keep_for()
         self.size = size
 
@@ -174,7 +177,7 @@ class Entry:
         return now > self.expires_at
 
     def vary_key(self) -> str:
-        return "\x1f".join(f"{n}={v}" if v is not None else n for n, v in self.vary)
+        return self.vkey
 
     def encode(self) -> bytes:
         meta = {
@@ -367,8 +370,13 @@ class RoutePolicy:
     # -- reading
 
     def vary_names(self, response_headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, ...]:
+        return self._vary_names(header_values(response_headers, b"vary"))
+
+    def _vary_names(self, vary: list[bytes]) -> tuple[str, ...]:
+        if not vary and not self.vary:
+            return ()
         names = set(self.vary)
-        for value in header_values(response_headers, b"vary"):
+        for value in vary:
             for name in value.decode("latin-1").split(","):
                 name = name.strip().lower()
                 if name:
@@ -457,37 +465,59 @@ class RoutePolicy:
         """The entry to store, or why the response may not be stored."""
         if status == 206:
             return "status"
-        response_cc = cc.CacheControl.parse(header_values(headers, b"cache-control"))
-        expires = _first(headers, b"expires")
+        # One pass over the headers for everything the rules read.
+        control: list[bytes] = []
+        vary: list[bytes] = []
+        stored: list[tuple[bytes, bytes]] = []
+        expires = date_value = last_modified = age = None
+        set_cookie = False
+        for name, value in headers:
+            if name in _SKIP_STORED:
+                if name == b"age":
+                    age = value
+                elif name != b"x-strangler-cache":
+                    set_cookie = True
+                continue
+            stored.append((name, value))
+            if name == b"cache-control":
+                control.append(value)
+            elif name == b"date":
+                date_value = value
+            elif name == b"expires":
+                expires = value
+            elif name == b"last-modified":
+                last_modified = value
+            elif name == b"vary":
+                vary.append(value)
+        response_cc = cc.CacheControl.parse(control)
         verdict = cc.storable(
             method="GET",
             status=status,
             request_cc=request.control,
             response_cc=response_cc,
             has_authorization=request.authorization,
-            has_set_cookie=_first(headers, b"set-cookie") is not None,
-            vary=b",".join(header_values(headers, b"vary")).decode("latin-1") or None,
+            has_set_cookie=set_cookie,
+            vary=b",".join(vary).decode("latin-1") or None,
             expires=expires,
             heuristic=self.heuristic or self.mode == "ttl",
             allow_set_cookie=self.store_set_cookie,
         )
         if not verdict.store:
             return verdict.reason
-        date = cc.http_date(_first(headers, b"date"))
+        date = cc.http_date(date_value)
         if self.mode == "ttl":
             lifetime = self.ttl
         else:
-            lm = _first(headers, b"last-modified")
             lifetime = cc.freshness_lifetime(
                 response_cc,
                 date=date,
                 expires=expires,
-                last_modified=cc.http_date(lm) if lm is not None else None,
+                last_modified=cc.http_date(last_modified) if last_modified is not None else None,
                 response_time=response_time,
                 heuristic=self.heuristic,
             )
         initial_age = cc.current_age(
-            age_header=_first(headers, b"age"),
+            age_header=age,
             date=date,
             request_time=request_time,
             response_time=response_time,
@@ -495,8 +525,7 @@ class RoutePolicy:
         )
         swr = response_cc.seconds("stale-while-revalidate")
         sie = response_cc.seconds("stale-if-error")
-        stored = [(n, v) for n, v in headers if n not in _SKIP_STORED]
-        names = self.vary_names(headers)
+        names = self._vary_names(vary)
         entry = Entry(
             status=status,
             headers=stored,
@@ -623,7 +652,7 @@ class MemoryLayer:
         while self.bytes > self.max_bytes and self._data:
             old_key, (old_route, old) = self._data.popitem(last=False)
             self.bytes -= sum(e.size for e in old)
-            metrics.CACHE_EVICTIONS.labels(old_route).inc(len(old))
+            metrics.cache_eviction(old_route).inc(len(old))
         self._gauge()
         return True
 
@@ -699,6 +728,25 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
+class Flight:
+    """A fill in progress. The future others wait on is made only when
+    someone waits (most fills have nobody waiting)."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: asyncio.Future[Entry | None] | None = None
+
+    def wait(self) -> asyncio.Future[Entry | None]:
+        if self._waiters is None:
+            self._waiters = asyncio.get_running_loop().create_future()
+        return self._waiters
+
+    def finish(self, entry: Entry | None) -> None:
+        if self._waiters is not None and not self._waiters.done():
+            self._waiters.set_result(entry)
+
+
 class ResponseCache:
     """The in-process layer plus Redis, shared by every route of a process."""
 
@@ -706,7 +754,7 @@ class ResponseCache:
         self.memory = MemoryLayer(memory_bytes)
         self.shared = shared
         self.prefix = prefix
-        self._flights: dict[str, asyncio.Future[Entry | None]] = {}
+        self._flights: dict[str, Flight] = {}
         self._pending_writes = 0
         self._origin = f"{os.getpid()}-{id(self):x}"
         # Follow events from a little before now (stream ids are Redis's clock in ms;
@@ -753,20 +801,18 @@ class ResponseCache:
 
     # -- single-flight
 
-    def flight(self, key: str) -> asyncio.Future[Entry | None] | None:
+    def flight(self, key: str) -> Flight | None:
         """The fill in progress for this key in this process, if any."""
         return self._flights.get(key)
 
-    def begin_flight(self, key: str) -> asyncio.Future[Entry | None]:
-        fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
-        self._flights[key] = fut
-        return fut
+    def begin_flight(self, key: str) -> Flight:
+        flight = self._flights[key] = Flight()
+        return flight
 
-    def end_flight(self, key: str, fut: asyncio.Future[Entry | None], entry: Entry | None) -> None:
-        if self._flights.get(key) is fut:
+    def end_flight(self, key: str, flight: Flight, entry: Entry | None) -> None:
+        if self._flights.get(key) is flight:
             del self._flights[key]
-        if not fut.done():
-            fut.set_result(entry)
+        flight.finish(entry)
 
     async def fill_lock(self, key: str, timeout: float) -> bool:
         """Take the fleet-wide fill lock for a key. True when this replica

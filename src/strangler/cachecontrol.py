@@ -88,6 +88,8 @@ class CacheControl:
 
 
 def _split_directives(text: str) -> list[str]:
+    if '"' not in text:  # the common case: nothing quoted
+        return [p.strip() for p in text.split(",") if p.strip()]
     parts: list[str] = []
     current: list[str] = []
     quoted = False

@@ -260,6 +260,17 @@ def cache_store(route: str, layer: str) -> Any:
     return child
 
 
+_cache_evictions: dict[str, Any] = {}
+
+
+def cache_eviction(route: str) -> Any:
+    """The cached ``strangler_cache_evictions_total`` child."""
+    child = _cache_evictions.get(route)
+    if child is None:
+        child = _cache_evictions[route] = CACHE_EVICTIONS.labels(route)
+    return child
+
+
 _weights: dict[str, dict[str, int]] = {}
 
 

@@ -40,6 +40,7 @@ from typing import Any
 from strangler import metrics, tasks
 from strangler.cache import (
     Entry,
+    Flight,
     Freshness,
     RequestInfo,
     RoutePolicy,
@@ -353,8 +354,9 @@ def _with_length(
     headers: list[tuple[bytes, bytes]], body: list[bytes]
 ) -> list[tuple[bytes, bytes]]:
     """The headers to store: with a Content-Length for the whole body."""
-    if any(n == b"content-length" for n, _ in headers):
-        return headers
+    for name, _ in headers:
+        if name == b"content-length":
+            return headers
     return [*headers, (b"content-length", str(sum(map(len, body))).encode())]
 
 
@@ -837,7 +839,7 @@ class ProxyApp:
             )
             return True
         try:
-            got = await asyncio.wait_for(asyncio.shield(flight), policy.lock_timeout)
+            got = await asyncio.wait_for(asyncio.shield(flight.wait()), policy.lock_timeout)
         except TimeoutError:
             got = None
         if (
@@ -863,7 +865,7 @@ class ProxyApp:
         req: _CacheableRequest,
         info: RequestInfo,
         key: str,
-        flight: asyncio.Future[Entry | None],
+        flight: Flight,
         stale: Entry | None,
         fresh: Freshness | None,
         send: Send,
