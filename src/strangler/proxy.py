@@ -94,8 +94,21 @@ def _valid_request_id(value: bytes) -> bool:
     return 0 < len(value) <= 200 and all(0x21 <= b <= 0x7E for b in value)
 
 
+_hostnames: dict[bytes, str] = {}
+
+
 def _hostname(host: bytes) -> str:
-    """``Example.COM:8080`` → ``example.com``; ``[::1]:80`` → ``[::1]``."""
+    """``Example.COM:8080`` → ``example.com``; ``[::1]:80`` → ``[::1]``.
+    Remembered for the few hosts a gateway sees (bounded)."""
+    name = _hostnames.get(host)
+    if name is None:
+        if len(_hostnames) >= 1024:
+            _hostnames.clear()
+        name = _hostnames[host] = _parse_hostname(host)
+    return name
+
+
+def _parse_hostname(host: bytes) -> str:
     h = host.decode("latin-1").lower()
     if h.startswith("["):
         end = h.find("]")
