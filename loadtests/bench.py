@@ -706,6 +706,21 @@ def bench_nginx_proxy(
         return measure("nginx", spec, f"http://{HOST}:{port}{path}")
 
 
+def report_feature_counts(admin_port: int) -> None:
+    """Log what the cache and the shadower did during the runs (from /metrics), so a
+    scenario's numbers can be read with, for example, how many copies were dropped."""
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{HOST}:{admin_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        log(f"gateway metrics unavailable: {exc}")
+        return
+    for line in text.splitlines():
+        if line.startswith(("strangler_shadow_requests_total", "strangler_cache_requests_total")):
+            log(f"gateway {line}")
+
+
 def bench_gateway(
     workdir: Path,
     backend_port: int,
@@ -741,7 +756,9 @@ def bench_gateway(
     with managed("gateway", argv, workdir / "gateway.log", env) as proc:
         wait_for_http(proc, f"http://{HOST}:{port}/__strangler/healthz")
         if profile is None:
-            return measure("gateway", spec, url), None
+            result = measure("gateway", spec, url)
+            report_feature_counts(admin_port)
+            return result, None
         log(f"gateway: warm-up {WARMUP_SECONDS}s against {url}")
         run_wrk(spec, url, WARMUP_SECONDS)
         suffix = "svg" if profile == "flamegraph" else "speedscope.json"

@@ -51,6 +51,8 @@ MAX_PIPE_BYTES = 16 * 1024 * 1024
 REPORT_INTERVAL = 0.2
 RESPAWN_DELAY = 1.0
 MAX_FRAME = 64 * 1024 * 1024
+#: The worker's ``nice`` increment.
+NICENESS = 10
 
 
 def _frame(message: tuple[Any, ...]) -> bytes:
@@ -313,6 +315,10 @@ async def _worker_main() -> None:
 
 
 def main() -> None:
+    # Lower priority than the gateway: when CPU is short, the client requests go
+    # first, and the copies wait (and, past the queue, are dropped and counted).
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
     )
