@@ -530,7 +530,16 @@ def test_flipped_route_shadows_legacy_the_same_way(
     differences(["total"])
     cfg = route_file(
         {"legacy": monolith, "orders": orders},
-        [shadow_route("orders", "/api/orders", "orders", "legacy", endpoints=["/api/orders/{id}"])],
+        [
+            shadow_route(
+                "orders",
+                "/api/orders",
+                "orders",
+                "legacy",
+                endpoints=["/api/orders/{id}"],
+                noise_percent=50,
+            )
+        ],
     )
     gw = gateway(cfg)
     sent = 100
@@ -615,9 +624,11 @@ def test_report_over_redis_covers_every_gateway_and_resets(
     differences: Callable[[list[str]], None],
 ) -> None:
     differences(["status"])
+    # 50 copies per endpoint: noise sampled on half of them, so the noise fields
+    # certainly have samples (at the default 10% none at all has odds of 1 in 200).
     cfg = route_file(
         {"legacy": monolith, "orders": orders},
-        [shadow_route("orders", "/api/orders", "legacy", "orders")],
+        [shadow_route("orders", "/api/orders", "legacy", "orders", noise_percent=50)],
     )
     args = ("--redis-url", redis_server.url)
     gw1, gw2 = gateway(cfg, args=args), gateway(cfg, args=args)
