@@ -131,6 +131,8 @@ class Entry:
     vary_names: tuple[str, ...] = ()
     #: The variant's field in the Redis hash (and its identity in memory).
     vkey: str = ""
+    #: The route whose entry this is (set when stored in memory; for the metrics).
+    route: str = ""
     expires_at: float = 0.0
     size: int = 0
 
@@ -600,12 +602,16 @@ def is_unsafe(method: str) -> bool:
 
 
 class MemoryLayer:
-    """Per-process LRU of variants by key, bounded in bytes."""
+    """Per-process LRU of variants by key, bounded in bytes.
+
+    A key holds its one entry directly, or a tuple of variants: one object
+    the garbage collector tracks per key in the common case, not three.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._data: OrderedDict[str, tuple[str, list[Entry]]] = OrderedDict()
+        self._data: OrderedDict[str, Entry | tuple[Entry, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -614,21 +620,20 @@ class MemoryLayer:
         item = self._data.get(key)
         if item is None:
             return None
-        route, entries = item
+        entries = (item,) if isinstance(item, Entry) else item
         for e in entries:
             if now > e.expires_at:
                 break
         else:  # nothing expired: the common case
             self._data.move_to_end(key)
-            return entries
+            return list(entries)
         live = [e for e in entries if not e.expired(now)]
-        if len(live) != len(entries):
-            self.bytes -= sum(e.size for e in entries) - sum(e.size for e in live)
-            self._gauge()
-            if not live:
-                del self._data[key]
-                return None
-            self._data[key] = (route, live)
+        self.bytes -= sum(e.size for e in entries) - sum(e.size for e in live)
+        self._gauge()
+        if not live:
+            del self._data[key]
+            return None
+        self._data[key] = live[0] if len(live) == 1 else tuple(live)
         self._data.move_to_end(key)
         return live
 
@@ -636,23 +641,26 @@ class MemoryLayer:
         size = entry.size
         if size > self.max_bytes:
             return False
-        route_entries = self._data.pop(key, (route, []))[1]
+        entry.route = route
+        old = self._data.pop(key, None)
         kept: list[Entry] = []
-        vk = entry.vary_key()
-        for e in route_entries:
-            if e.vary_key() == vk:
-                self.bytes -= e.size
-            else:
-                kept.append(e)
+        if old is not None:
+            vk = entry.vkey
+            for e in (old,) if isinstance(old, Entry) else old:
+                if e.vkey == vk:
+                    self.bytes -= e.size
+                else:
+                    kept.append(e)
         kept.append(entry)
         while len(kept) > MAX_VARIANTS:
             self.bytes -= kept.pop(0).size
-        self._data[key] = (route, kept)
+        self._data[key] = kept[0] if len(kept) == 1 else tuple(kept)
         self.bytes += size
         while self.bytes > self.max_bytes and self._data:
-            old_key, (old_route, old) = self._data.popitem(last=False)
-            self.bytes -= sum(e.size for e in old)
-            metrics.cache_eviction(old_route).inc(len(old))
+            _, gone = self._data.popitem(last=False)
+            evicted = (gone,) if isinstance(gone, Entry) else gone
+            self.bytes -= sum(e.size for e in evicted)
+            metrics.cache_eviction(evicted[0].route).inc(len(evicted))
         self._gauge()
         return True
 
@@ -661,8 +669,9 @@ class MemoryLayer:
         for key in keys:
             item = self._data.pop(key, None)
             if item is not None:
-                self.bytes -= sum(e.size for e in item[1])
-                n += len(item[1])
+                dropped = (item,) if isinstance(item, Entry) else item
+                self.bytes -= sum(e.size for e in dropped)
+                n += len(dropped)
         self._gauge()
         return n
 
