@@ -90,6 +90,26 @@ def test_mismatched_counts_only_requests_with_a_reported_field() -> None:
     assert ep["matched"] == 61
 
 
+def test_report_says_whether_noise_was_measured_for_an_endpoint() -> None:
+    """Without a noise sample a timestamp is reported like a real difference,
+    so the report flags that nothing could be filtered yet."""
+    counts = {
+        f"{EP}{SEP}c": 10,
+        f"{EP}{SEP}r": 10,
+        f"{EP}{SEP}d{SEP}$.generated_at": 10,
+        f"{EP}{SEP}s{SEP}$.generated_at": 10,
+    }
+    (unmeasured,) = route_report(counts, {}, relative=0.2, absolute=0.0003)
+    assert unmeasured["noise_measured"] is False
+    assert names(unmeasured["fields"]) == ["$.generated_at"]
+
+    counts[f"{EP}{SEP}nc"] = 1
+    counts[f"{EP}{SEP}n{SEP}$.generated_at"] = 1
+    (measured,) = route_report(counts, {}, relative=0.2, absolute=0.0003)
+    assert measured["noise_measured"] is True
+    assert measured["fields"] == [] and measured["matched"] == 10
+
+
 def test_thresholds_decide_a_partly_noisy_field() -> None:
     """d - n must beat ``absolute``, and (d - n) / n must beat ``relative``."""
 

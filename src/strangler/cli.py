@@ -206,6 +206,8 @@ def _cmd_diffs(args: argparse.Namespace) -> int:
                 f"mismatched {ep['mismatched']}, errors {ep['errors']} "
                 f"(noise samples {ep['noise_samples']})"
             )
+            if ep["fields"] and not ep["noise_measured"]:
+                print("    (no noise sample yet: timestamps and ids may still be listed)")
             for field in ep["fields"]:
                 example = field.get("example") or {}
                 print(

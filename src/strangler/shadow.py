@@ -415,6 +415,8 @@ def route_report(
                 "errors": e["e"],
                 "differing_raw": e["r"],
                 "noise_samples": e["nc"],
+                # Without a noise sample nothing could be filtered as noise yet.
+                "noise_measured": e["nc"] > 0,
                 "fields": fields,
                 "noise_fields": noisy,
             }
