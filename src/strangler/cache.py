@@ -178,9 +178,6 @@ class Entry:
     def expired(self, now: float) -> bool:
         return now > self.expires_at
 
-    def vary_key(self) -> str:
-        return self.vkey
-
     def encode(self) -> bytes:
         meta = {
             "s": self.status,
@@ -281,17 +278,6 @@ def _weak(tag: bytes) -> bytes:
     return tag[2:] if tag.startswith(b"W/") else tag
 
 
-def header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    return [v for n, v in headers if n == name]
-
-
-def _first(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for n, v in headers:
-        if n == name:
-            return v
-    return None
-
-
 # --------------------------------------------------------------------------- policy
 
 
@@ -371,10 +357,9 @@ class RoutePolicy:
 
     # -- reading
 
-    def vary_names(self, response_headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, ...]:
-        return self._vary_names(header_values(response_headers, b"vary"))
-
-    def _vary_names(self, vary: list[bytes]) -> tuple[str, ...]:
+    def vary_names(self, vary: list[bytes]) -> tuple[str, ...]:
+        """The request headers an entry varies on: the route's, and the ones the
+        response's ``Vary`` lines name."""
         if not vary and not self.vary:
             return ()
         names = set(self.vary)
@@ -527,7 +512,7 @@ class RoutePolicy:
         )
         swr = response_cc.seconds("stale-while-revalidate")
         sie = response_cc.seconds("stale-if-error")
-        names = self._vary_names(vary)
+        names = self.vary_names(vary)
         entry = Entry(
             status=status,
             headers=stored,
@@ -660,7 +645,7 @@ class MemoryLayer:
             _, gone = self._data.popitem(last=False)
             evicted = (gone,) if isinstance(gone, Entry) else gone
             self.bytes -= sum(e.size for e in evicted)
-            metrics.cache_eviction(evicted[0].route).inc(len(evicted))
+            metrics.child(metrics.CACHE_EVICTIONS, evicted[0].route).inc(len(evicted))
         self._gauge()
         return True
 
@@ -797,7 +782,7 @@ class ResponseCache:
             return None
         raw: Any = await shared.run("cache lookup", lambda: shared.redis.hgetall(key))
         if raw is None:  # Redis failed or is paused after a failure
-            metrics.CACHE_REDIS_BYPASS.labels("lookup").inc()
+            metrics.child(metrics.CACHE_REDIS_BYPASS, "lookup").inc()
             return None
         entries = [e for e in (Entry.decode(v) for v in raw.values()) if e is not None]
         live = [e for e in entries if not e.expired(now)]
@@ -875,12 +860,12 @@ class ResponseCache:
     def store(self, key: str, route: str, entry: Entry) -> None:
         """Keep the entry in this process now; write it to Redis in the background."""
         if self.memory.put(key, route, entry):
-            metrics.cache_store(route, "memory").inc()
+            metrics.child(metrics.CACHE_STORES, route, "memory").inc()
         shared = self.shared
         if shared is None:
             return
         if self._pending_writes >= MAX_PENDING_WRITES:
-            metrics.CACHE_NOT_STORED.labels(route, "redis_busy").inc()
+            metrics.child(metrics.CACHE_NOT_STORED, route, "redis_busy").inc()
             return
         self._pending_writes += 1
         tasks.spawn(self._write(shared, key, route, entry), name="cache-write")
@@ -889,7 +874,7 @@ class ResponseCache:
         try:
             ttl_ms = max(1000, int(entry.keep_for() * 1000))
             blob = entry.encode()
-            field_name = entry.vary_key()
+            field_name = entry.vkey
 
             async def write() -> bool:
                 async with shared.redis.pipeline(transaction=False) as pipe:
@@ -906,9 +891,9 @@ class ResponseCache:
 
             done = await shared.run("cache store", write)
             if done:
-                metrics.CACHE_STORES.labels(route, "redis").inc()
+                metrics.child(metrics.CACHE_STORES, route, "redis").inc()
             else:
-                metrics.CACHE_REDIS_BYPASS.labels("store").inc()
+                metrics.child(metrics.CACHE_REDIS_BYPASS, "store").inc()
         finally:
             self._pending_writes -= 1
 
@@ -918,7 +903,7 @@ class ResponseCache:
         """Forget these keys here, in Redis, and (through the event stream) on
         every other replica."""
         self.memory.drop(keys)
-        metrics.CACHE_INVALIDATIONS.labels(route, cause).inc()
+        metrics.child(metrics.CACHE_INVALIDATIONS, route, cause).inc()
         shared = self.shared
         if shared is None or not keys:
             return
@@ -940,7 +925,7 @@ class ResponseCache:
         """Purge matching entries everywhere; returns what was removed."""
         dropped = self.memory.drop_matching(lambda k: what.matches(k, self.prefix))
         if what.route:
-            metrics.CACHE_INVALIDATIONS.labels(what.route, "purge").inc()
+            metrics.child(metrics.CACHE_INVALIDATIONS, what.route, "purge").inc()
         out: dict[str, Any] = {"memory_entries": dropped, "redis_keys": 0, "redis": "absent"}
         shared = self.shared
         if shared is None:

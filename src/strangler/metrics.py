@@ -238,37 +238,17 @@ def children(route: str, backend: str) -> RouteMetrics:
     return m
 
 
-_cache_results: dict[tuple[str, str], Any] = {}
+_labelled: dict[tuple[Any, ...], Any] = {}
 
 
-def cache_result(route: str, result: str) -> Any:
-    """The cached ``strangler_cache_requests_total`` child (hit path: no ``labels``)."""
-    child = _cache_results.get((route, result))
-    if child is None:
-        child = _cache_results[(route, result)] = CACHE_REQUESTS.labels(route, result)
-    return child
-
-
-_cache_stores: dict[tuple[str, str], Any] = {}
-
-
-def cache_store(route: str, layer: str) -> Any:
-    """The cached ``strangler_cache_stores_total`` child."""
-    child = _cache_stores.get((route, layer))
-    if child is None:
-        child = _cache_stores[(route, layer)] = CACHE_STORES.labels(route, layer)
-    return child
-
-
-_cache_evictions: dict[str, Any] = {}
-
-
-def cache_eviction(route: str) -> Any:
-    """The cached ``strangler_cache_evictions_total`` child."""
-    child = _cache_evictions.get(route)
-    if child is None:
-        child = _cache_evictions[route] = CACHE_EVICTIONS.labels(route)
-    return child
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: for counters the request path
+    bumps with labels known only per request (route, outcome)."""
+    key = (metric, *labels)
+    found = _labelled.get(key)
+    if found is None:
+        found = _labelled[key] = metric.labels(*labels)
+    return found
 
 
 _weights: dict[str, dict[str, int]] = {}

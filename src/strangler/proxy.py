@@ -809,7 +809,7 @@ class ProxyApp:
         info = RequestInfo.read(req.headers)
         route = req.route.name
         if info.range or info.control.has("no-store"):
-            metrics.cache_result(route, "bypass").inc()
+            metrics.child(metrics.CACHE_REQUESTS, route, "bypass").inc()
             return False
         now = time.time()
         key = policy.key(cache.prefix, req.backend, req.host, req.path, req.query)
@@ -823,25 +823,25 @@ class ProxyApp:
                 outcome, warning = "HIT", None
                 if not fresh.fresh:  # stale-while-revalidate: refresh once, in the background
                     outcome, warning = "STALE", _STALE
-                    metrics.CACHE_STALE.labels(route, "while_revalidate").inc()
+                    metrics.child(metrics.CACHE_STALE, route, "while_revalidate").inc()
                     if cache.flight(key) is None:
                         refresh = self._fill(
                             snap, policy, req.for_refresh(), info, key, cache.begin_flight(key),
                             entry, Freshness(False, fresh.age), _discard,
                         )  # fmt: skip
                         tasks.spawn(refresh, name="cache-refresh")
-                metrics.cache_result(route, outcome.lower()).inc()
+                metrics.child(metrics.CACHE_REQUESTS, route, outcome.lower()).inc()
                 status = await self._serve_entry(
                     snap, req, info, entry, fresh.age, outcome, send, warning
                 )
                 self._finish(snap, req, entry.backend, status)
                 return True
         if info.control.has("only-if-cached"):
-            metrics.cache_result(route, "miss").inc()
+            metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
             await self._reject(send, 504, "not_cached", "not in the cache", req.request_id)
             return True
         if req.method == "HEAD" and entry is None:
-            metrics.cache_result(route, "miss").inc()
+            metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
             return False
 
         # Another request of this process is filling the entry: wait for it.
@@ -860,15 +860,15 @@ class ProxyApp:
             and policy.select([got], req.headers) is not None
             and (not info.authorization or policy.usable_with_authorization(got))
         ):
-            metrics.CACHE_COALESCED.labels(route, "served").inc()
-            metrics.cache_result(route, "hit").inc()
+            metrics.child(metrics.CACHE_COALESCED, route, "served").inc()
+            metrics.child(metrics.CACHE_REQUESTS, route, "hit").inc()
             status = await self._serve_entry(
                 snap, req, info, got, got.age(time.time()), "HIT", send
             )
             self._finish(snap, req, got.backend, status)
             return True
-        metrics.CACHE_COALESCED.labels(route, "gave_up").inc()
-        metrics.cache_result(route, "miss").inc()
+        metrics.child(metrics.CACHE_COALESCED, route, "gave_up").inc()
+        metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
         return False
 
     async def _fill(
@@ -903,8 +903,8 @@ class ProxyApp:
                     got = policy.select(entries, req.headers)
                     if got is not None and policy.freshness(got, info, time.time()).fresh:
                         stored = got
-                        metrics.CACHE_COALESCED.labels(route, "served").inc()
-                        metrics.cache_result(route, "hit").inc()
+                        metrics.child(metrics.CACHE_COALESCED, route, "served").inc()
+                        metrics.child(metrics.CACHE_REQUESTS, route, "hit").inc()
                         served_by = got.backend
                         status = await self._serve_entry(
                             snap, req, info, got, got.age(time.time()), "HIT", send
@@ -926,7 +926,7 @@ class ProxyApp:
                 if stale is not None and fresh is not None and fresh.stale_on_error:
                     status = await self._serve_stale_on_error(snap, req, info, stale, send)
                     return
-                metrics.cache_result(route, "miss").inc()
+                metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
                 status = exc.status
                 await self._error(send, exc, req.request_id, route if snap.debug_headers else None)
                 return
@@ -941,12 +941,12 @@ class ProxyApp:
                 resp.release()
                 stored = policy.refreshed(stale, out_headers, request_time, response_time)
                 cache.store(key, route, stored)
-                metrics.cache_result(route, "revalidated").inc()
+                metrics.child(metrics.CACHE_REQUESTS, route, "revalidated").inc()
                 status = await self._serve_entry(
                     snap, req, info, stored, stored.age(time.time()), "REVALIDATED", send
                 )
                 return
-            metrics.cache_result(route, "miss").inc()
+            metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
             status = resp.status
             prefix: list[bytes] = []
             if req.method == "GET" and _fits(out_headers, policy.max_object_bytes):
@@ -972,11 +972,11 @@ class ProxyApp:
                         else:
                             cache.store(key, route, built)
                     else:
-                        metrics.CACHE_NOT_STORED.labels(route, built).inc()
+                        metrics.child(metrics.CACHE_NOT_STORED, route, built).inc()
                 else:
-                    metrics.CACHE_NOT_STORED.labels(route, "too_large").inc()
+                    metrics.child(metrics.CACHE_NOT_STORED, route, "too_large").inc()
             elif req.method == "GET":
-                metrics.CACHE_NOT_STORED.labels(route, "too_large").inc()
+                metrics.child(metrics.CACHE_NOT_STORED, route, "too_large").inc()
             self._decorate(snap, req, out_headers, served_by, "MISS", fallback_reason)
             status = await self._stream(
                 resp, status, out_headers, req.method, req.receive, send, None, prefix
@@ -998,8 +998,8 @@ class ProxyApp:
         send: Send,
     ) -> int:
         route = req.route.name
-        metrics.cache_result(route, "stale").inc()
-        metrics.CACHE_STALE.labels(route, "if_error").inc()
+        metrics.child(metrics.CACHE_REQUESTS, route, "stale").inc()
+        metrics.child(metrics.CACHE_STALE, route, "if_error").inc()
         return await self._serve_entry(
             snap, req, info, entry, entry.age(time.time()), "STALE", send, _REVALIDATION_FAILED
         )

@@ -75,19 +75,15 @@ FIELD_SEP = "\x1e"
 _random = random.Random()
 _SHADOW_MARK = (b"x-strangler-shadow", b"1")
 
-_outcome_children: dict[tuple[str, str], Any] = {}
-
 
 def _to_metrics(kind: str, route: str, label: str, n: int = 1) -> None:
     if kind == "requests":
-        child = _outcome_children.get((route, label))
-        if child is None:
-            child = _outcome_children[(route, label)] = metrics.SHADOW_REQUESTS.labels(route, label)
-        child.inc(n)
-    else:  # "skipped" (a request not copied) or "capped" (a reason only)
-        metrics.SHADOW_SKIPPED.labels(route, label).inc(n)
-        if kind == "skipped":
-            metrics.SHADOW_REQUESTS.labels(route, "skipped").inc(n)
+        metrics.child(metrics.SHADOW_REQUESTS, route, label).inc(n)
+        return
+    # "skipped" (a request not copied) or "capped" (a reason only)
+    metrics.child(metrics.SHADOW_SKIPPED, route, label).inc(n)
+    if kind == "skipped":
+        metrics.child(metrics.SHADOW_REQUESTS, route, "skipped").inc(n)
 
 
 #: Where counts go: the metrics, or (in the shadow worker process) a batch for the gateway.
