@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -117,21 +118,32 @@ def _admin_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return httpx.Client(base_url=args.admin, headers=headers, timeout=10.0)
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _admin_get(
+    args: argparse.Namespace, command: str, path: str, params: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """GET an admin endpoint; None (after saying why on stderr) when that fails."""
     import httpx
 
     try:
         with _admin_client(args) as client:
-            resp = client.get("/api/routes")
+            resp = client.get(path, params=params)
     except httpx.HTTPError as exc:
-        print(f"strangler status: cannot reach {args.admin}: {exc}", file=sys.stderr)
-        return 1
+        print(f"strangler {command}: cannot reach {args.admin}: {exc}", file=sys.stderr)
+        return None
     if resp.status_code != 200:
-        print(f"strangler status: {resp.status_code} {resp.text}", file=sys.stderr)
-        return 1
-    data = resp.json()
+        print(f"strangler {command}: {resp.status_code} {resp.text}", file=sys.stderr)
+        return None
+    data: dict[str, Any] = resp.json()
     if args.json:
         print(json.dumps(data, indent=2))
+    return data
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    data = _admin_get(args, "status", "/api/routes")
+    if data is None:
+        return 1
+    if args.json:
         return 0
     print(f"{data['file']} (generation {data['generation']})")
     if data.get("last_error"):
@@ -171,21 +183,11 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _cmd_diffs(args: argparse.Namespace) -> int:
-    import httpx
-
-    params = {"route": args.route} if args.route else {}
-    try:
-        with _admin_client(args) as client:
-            resp = client.get("/api/shadow/report", params=params)
-    except httpx.HTTPError as exc:
-        print(f"strangler diffs: cannot reach {args.admin}: {exc}", file=sys.stderr)
+    params = {"route": args.route} if args.route else None
+    data = _admin_get(args, "diffs", "/api/shadow/report", params)
+    if data is None:
         return 1
-    if resp.status_code != 200:
-        print(f"strangler diffs: {resp.status_code} {resp.text}", file=sys.stderr)
-        return 1
-    data = resp.json()
     if args.json:
-        print(json.dumps(data, indent=2))
         return 0
     if data.get("warning"):
         print(f"warning: {data['warning']}")
