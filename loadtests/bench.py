@@ -761,7 +761,7 @@ def bench_gateway(
             return result, None
         log(f"gateway: warm-up {WARMUP_SECONDS}s against {url}")
         run_wrk(spec, url, WARMUP_SECONDS)
-        suffix = "svg" if profile == "flamegraph" else "speedscope.json"
+        suffix = {"flamegraph": "svg", "speedscope": "speedscope.json", "raw": "txt"}[profile]
         out = LOADTESTS_DIR / f"profile-{scenario_name}.{suffix}"
         profiler = start_profiler(proc.pid, spec.duration, out, profile, workdir)
         try:
@@ -892,9 +892,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile-format",
-        choices=("flamegraph", "speedscope"),
+        choices=("flamegraph", "speedscope", "raw"),
         default="flamegraph",
-        help="py-spy output format (speedscope writes profile-<scenario>.speedscope.json)",
+        help="py-spy output format (speedscope writes profile-<scenario>.speedscope.json, "
+        "raw writes collapsed stacks to profile-<scenario>.txt)",
     )
     args = parser.parse_args(argv)
     if args.duration < 1 or args.connections < 1 or args.threads < 1:

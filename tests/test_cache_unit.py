@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 from prometheus_client import REGISTRY
 
-from strangler import config
+from strangler import config, metrics
 from strangler.cache import (
     MAX_KEY_CHARS,
     MAX_VARIANTS,
@@ -157,6 +157,7 @@ def test_entry_is_kept_past_freshness_only_when_it_can_be_revalidated() -> None:
 
 
 def _evictions(route: str) -> float:
+    metrics.flush()
     return REGISTRY.get_sample_value("strangler_cache_evictions_total", {"route": route}) or 0.0
 
 

@@ -24,6 +24,7 @@ import pytest
 from gateway import GatewayProcess, route_file
 
 from legacy_stub.testing import free_port
+from strangler.metrics import FLUSH_INTERVAL
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -316,6 +317,20 @@ async def _send(url: str, n: int, concurrency: int) -> Counter[int]:
     return statuses
 
 
+def _settled_metric(gw: Gateway, name: str, **labels: str) -> float:
+    """The metric once the workers have handed over their counts (they do every
+    FLUSH_INTERVAL, so a scrape lags by that much): its value when it stopped moving."""
+    last = gw.metric(name, **labels)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(FLUSH_INTERVAL * 2)
+        now = gw.metric(name, **labels)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_two_workers_count_every_request_exactly_once_in_the_shared_metrics(
     gateway: Gateway, monolith: str, orders: str, tmp_path: Path
 ) -> None:
@@ -334,7 +349,7 @@ def test_two_workers_count_every_request_exactly_once_in_the_shared_metrics(
     statuses = asyncio.run(_send(gw.url + "/__stub/echo", 400, 20))
 
     assert statuses == {200: 400}
-    assert gw.metric("strangler_requests_total") == 400
+    assert _settled_metric(gw, "strangler_requests_total") == 400
     assert gw.metric("strangler_requests_total", route="echo", status_class="2xx") == 400
     assert gw.metric("strangler_request_duration_seconds_count", route="echo") == 400
     per_pid = _requests_per_process(metrics_dir)
@@ -399,6 +414,6 @@ def test_a_dead_worker_is_replaced_on_the_last_good_config_and_its_counts_are_ke
     assert httpx.get(gw.admin_url + "/readyz", timeout=5).json()["workers"] == 2
     statuses = asyncio.run(_send(gw.url + "/__stub/echo", 300, 20))
     assert statuses == {200: 300}
-    assert gw.metric("strangler_requests_total", route="echo", backend="orders") == 500
+    assert _settled_metric(gw, "strangler_requests_total", route="echo", backend="orders") == 500
     assert gw.metric("strangler_config_reloads_total", result="failed") == 1
     assert gw.stop(timeout=15) == 0

@@ -16,7 +16,7 @@ from conftest import RedisServer
 from prometheus_client import REGISTRY
 
 from legacy_stub.testing import free_port
-from strangler import config
+from strangler import config, metrics
 from strangler.exceptions import ConfigError
 from strangler.shadow import (
     MAX_ENDPOINTS,
@@ -55,6 +55,7 @@ def names(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def sample(name: str, **labels: str) -> float:
+    metrics.flush()
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 

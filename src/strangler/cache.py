@@ -120,6 +120,8 @@ class Entry:
     stale_if_error: float = 0.0
     #: The parsed Cache-Control, when the caller has it (else parsed from the headers).
     parsed: InitVar[cc.CacheControl | None] = None
+    #: The fields below were set by the caller (else they are derived here).
+    derived: InitVar[bool] = False
     etag: bytes | None = None
     last_modified: bytes | None = None
     #: Derived once: Cache-Control flags, the names varied on, when to drop it, its size.
@@ -136,7 +138,9 @@ class Entry:
     expires_at: float = 0.0
     size: int = 0
 
-    def __post_init__(self, parsed: cc.CacheControl | None) -> None:
+    def __post_init__(self, parsed: cc.CacheControl | None, derived: bool) -> None:
+        if derived:  # made by RoutePolicy.build_entry, which worked all of it out already
+            return
         self.headers = tuple(self.headers)
         values: list[bytes] = []
         size = len(self.body) + 200
@@ -156,7 +160,7 @@ class Entry:
         self.may_stale = cc.may_serve_stale(control)
         self.vary = tuple(self.vary)
         self.vary_names = tuple(n for n, _ in self.vary)
-        self.vkey = "\x1f".join(f"{n}={v}" if v is not None else n for n, v in self.vary)
+        self.vkey = _vkey(self.vary)
         self.expires_at = self.response_time + self.keep_for()
         self.size = size
 
@@ -170,10 +174,13 @@ class Entry:
 
     def keep_for(self) -> float:
         """Seconds past the response this entry is worth keeping."""
-        extra = max(self.stale_while_revalidate, self.stale_if_error)
-        if self.etag is not None or self.last_modified is not None:
-            extra = max(extra, REVALIDATE_KEEP)
-        return max(1.0, self.lifetime - self.initial_age + extra)
+        return _keep_for(
+            self.lifetime,
+            self.initial_age,
+            self.stale_while_revalidate,
+            self.stale_if_error,
+            self.etag is not None or self.last_modified is not None,
+        )
 
     def expired(self, now: float) -> bool:
         return now > self.expires_at
@@ -218,6 +225,17 @@ class Entry:
             return None
 
 
+def _keep_for(
+    lifetime: float, initial_age: float, swr: float, sie: float, validators: bool
+) -> float:
+    extra = max(swr, sie, REVALIDATE_KEEP) if validators else max(swr, sie)
+    return max(1.0, lifetime - initial_age + extra)
+
+
+def _vkey(vary: Sequence[tuple[str, str | None]]) -> str:
+    return "\x1f".join(f"{n}={v}" if v is not None else n for n, v in vary)
+
+
 # --------------------------------------------------------------------------- requests
 
 _NO_DIRECTIVES = cc.CacheControl({})
@@ -232,6 +250,8 @@ class RequestInfo:
     range: bool = False
     if_none_match: bytes | None = None
     if_modified_since: bytes | None = None
+    #: Any conditional header (the two above, If-Match, If-Range).
+    conditional: bool = False
 
     @classmethod
     def read(cls, headers: Sequence[tuple[bytes, bytes]]) -> RequestInfo:
@@ -246,8 +266,12 @@ class RequestInfo:
                 info.range = True
             elif name == b"if-none-match":
                 info.if_none_match = value
+                info.conditional = True
             elif name == b"if-modified-since":
                 info.if_modified_since = value
+                info.conditional = True
+            elif name == b"if-match" or name == b"if-range":
+                info.conditional = True
             elif name == b"pragma" and not control and value.strip().lower() == b"no-cache":
                 control.append(b"no-cache")
         if control:
@@ -280,6 +304,26 @@ def _weak(tag: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- policy
 
+#: Distinct combinations of caching headers remembered per route.
+RULES_MEMO = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """What a response's caching headers decide, whatever its other headers."""
+
+    #: Why it may not be stored; empty when it may.
+    reason: str
+    control: cc.CacheControl
+    #: From s-maxage, max-age or ``mode: ttl``; None when Expires or a heuristic decides.
+    lifetime: float | None
+    swr: float
+    sie: float
+    vary_names: tuple[str, ...]
+    no_cache: bool
+    shareable: bool
+    may_stale: bool
+
 
 @dataclass(slots=True)
 class Freshness:
@@ -310,6 +354,7 @@ class RoutePolicy:
         "lock_timeout",
         "_ignore",
         "_ignore_re",
+        "_memo",
     )
 
     def __init__(self, route: str, settings: Cache) -> None:
@@ -327,6 +372,7 @@ class RoutePolicy:
         self._ignore = frozenset(p for p in settings.ignore_query if "*" not in p)
         globs = [fnmatch.translate(p) for p in settings.ignore_query if "*" in p]
         self._ignore_re = re.compile("|".join(globs)) if globs else None
+        self._memo: dict[tuple[Any, ...], _Rules] = {}
 
     # -- keys
 
@@ -456,8 +502,9 @@ class RoutePolicy:
         control: list[bytes] = []
         vary: list[bytes] = []
         stored: list[tuple[bytes, bytes]] = []
-        expires = date_value = last_modified = age = None
+        expires = date_value = last_modified = etag = age = None
         set_cookie = False
+        size = len(body) + 200
         for name, value in headers:
             if name in _SKIP_STORED:
                 if name == b"age":
@@ -466,37 +513,27 @@ class RoutePolicy:
                     set_cookie = True
                 continue
             stored.append((name, value))
+            size += len(name) + len(value) + 4
             if name == b"cache-control":
                 control.append(value)
             elif name == b"date":
                 date_value = value
+            elif name == b"etag":
+                etag = value
             elif name == b"expires":
                 expires = value
             elif name == b"last-modified":
                 last_modified = value
             elif name == b"vary":
                 vary.append(value)
-        response_cc = cc.CacheControl.parse(control)
-        verdict = cc.storable(
-            method="GET",
-            status=status,
-            request_cc=request.control,
-            response_cc=response_cc,
-            has_authorization=request.authorization,
-            has_set_cookie=set_cookie,
-            vary=b",".join(vary).decode("latin-1") or None,
-            expires=expires,
-            heuristic=self.heuristic or self.mode == "ttl",
-            allow_set_cookie=self.store_set_cookie,
-        )
-        if not verdict.store:
-            return verdict.reason
+        rules = self._rules(status, control, vary, set_cookie, request, expires is not None)
+        if rules.reason:
+            return rules.reason
         date = cc.http_date(date_value)
-        if self.mode == "ttl":
-            lifetime = self.ttl
-        else:
+        lifetime = rules.lifetime
+        if lifetime is None:
             lifetime = cc.freshness_lifetime(
-                response_cc,
+                rules.control,
                 date=date,
                 expires=expires,
                 last_modified=cc.http_date(last_modified) if last_modified is not None else None,
@@ -510,32 +547,115 @@ class RoutePolicy:
             response_time=response_time,
             now=response_time,
         )
-        swr = response_cc.seconds("stale-while-revalidate")
-        sie = response_cc.seconds("stale-if-error")
-        names = self.vary_names(vary)
-        entry = Entry(
+        validators = etag is not None or last_modified is not None
+        swr, sie = rules.swr, rules.sie
+        if lifetime <= initial_age and not validators and sie <= 0 and swr <= 0:
+            return "no-freshness"
+        varied = (
+            tuple((n, self.request_value(request_headers, n)) for n in rules.vary_names)
+            if rules.vary_names
+            else ()
+        )
+        return Entry(
             status=status,
-            headers=stored,
+            headers=tuple(stored),
             body=body,
             request_time=request_time,
             response_time=response_time,
             initial_age=initial_age,
             lifetime=lifetime,
-            vary=tuple((n, self.request_value(request_headers, n)) for n in names),
+            vary=varied,
             backend=backend,
-            stale_while_revalidate=float(swr) if swr is not None else self.swr,
-            stale_if_error=float(sie) if sie is not None else self.sie,
-            parsed=response_cc,
+            stale_while_revalidate=swr,
+            stale_if_error=sie,
+            etag=etag,
+            last_modified=last_modified,
+            no_cache=rules.no_cache,
+            shareable=rules.shareable,
+            may_stale=rules.may_stale,
+            vary_names=rules.vary_names,
+            vkey=_vkey(varied) if varied else "",
+            expires_at=response_time + _keep_for(lifetime, initial_age, swr, sie, validators),
+            size=size,
+            derived=True,
         )
-        if (
-            lifetime <= initial_age
-            and entry.etag is None
-            and entry.last_modified is None
-            and entry.stale_if_error <= 0
-            and entry.stale_while_revalidate <= 0
-        ):
-            return "no-freshness"
-        return entry
+
+    def _rules(
+        self,
+        status: int,
+        control: list[bytes],
+        vary: list[bytes],
+        set_cookie: bool,
+        request: RequestInfo,
+        has_expires: bool,
+    ) -> _Rules:
+        """What the caching headers decide, remembered: a backend sends the same
+        few combinations of them, and parsing them each time costs more than the
+        rest of storing a response."""
+        key = (
+            status,
+            tuple(control),
+            tuple(vary),
+            set_cookie,
+            request.authorization,
+            request.control.has("no-store"),
+            has_expires,
+        )
+        rules = self._memo.get(key)
+        if rules is None:
+            if len(self._memo) >= RULES_MEMO:
+                self._memo.clear()
+            rules = self._memo[key] = self._decide(
+                status, control, vary, set_cookie, request, has_expires
+            )
+        return rules
+
+    def _decide(
+        self,
+        status: int,
+        control: list[bytes],
+        vary: list[bytes],
+        set_cookie: bool,
+        request: RequestInfo,
+        has_expires: bool,
+    ) -> _Rules:
+        response_cc = cc.CacheControl.parse(control)
+        verdict = cc.storable(
+            method="GET",
+            status=status,
+            request_cc=request.control,
+            response_cc=response_cc,
+            has_authorization=request.authorization,
+            has_set_cookie=set_cookie,
+            vary=b",".join(vary).decode("latin-1") or None,
+            expires=b"" if has_expires else None,  # only its presence matters here
+            heuristic=self.heuristic or self.mode == "ttl",
+            allow_set_cookie=self.store_set_cookie,
+        )
+        lifetime: float | None = None  # None: it depends on the response's dates
+        if self.mode == "ttl":
+            lifetime = self.ttl
+        elif (explicit := response_cc.seconds("s-maxage")) is not None:
+            lifetime = float(explicit)
+        elif (explicit := response_cc.seconds("max-age")) is not None:
+            lifetime = float(explicit)
+        swr = response_cc.seconds("stale-while-revalidate")
+        sie = response_cc.seconds("stale-if-error")
+        return _Rules(
+            reason="" if verdict.store else verdict.reason,
+            control=response_cc,
+            lifetime=lifetime,
+            swr=float(swr) if swr is not None else self.swr,
+            sie=float(sie) if sie is not None else self.sie,
+            vary_names=self.vary_names(vary),
+            no_cache=response_cc.has("no-cache"),
+            shareable=(
+                response_cc.has("public")
+                or response_cc.has("s-maxage")
+                or response_cc.has("must-revalidate")
+            ),
+            may_stale=cc.may_serve_stale(response_cc),
+        )
 
     def refreshed(
         self,
@@ -645,7 +765,7 @@ class MemoryLayer:
             _, gone = self._data.popitem(last=False)
             evicted = (gone,) if isinstance(gone, Entry) else gone
             self.bytes -= sum(e.size for e in evicted)
-            metrics.child(metrics.CACHE_EVICTIONS, evicted[0].route).inc(len(evicted))
+            metrics.tally(metrics.CACHE_EVICTIONS, evicted[0].route, n=len(evicted))
         self._gauge()
         return True
 
@@ -664,7 +784,7 @@ class MemoryLayer:
         return self.drop([k for k in self._data if test(k)])
 
     def _gauge(self) -> None:
-        metrics.CACHE_MEMORY_BYTES.set(self.bytes)
+        metrics.CACHE_MEMORY.value = self.bytes
 
 
 # --------------------------------------------------------------------------- the cache
@@ -769,20 +889,15 @@ class ResponseCache:
 
     # -- lookup
 
-    async def lookup(self, key: str, now: float) -> list[Entry] | None:
-        """The stored variants of a key: the in-process layer, then Redis."""
-        entries = self.memory.get(key, now)
-        if entries is not None or self.shared is None:
-            return entries
-        return await self._redis_lookup(key, now)
-
-    async def _redis_lookup(self, key: str, now: float) -> list[Entry] | None:
+    async def lookup_shared(self, key: str, now: float) -> list[Entry] | None:
+        """The stored variants of a key in Redis (the caller looked in `memory` first);
+        what it finds is kept in memory too."""
         shared = self.shared
         if shared is None:
             return None
         raw: Any = await shared.run("cache lookup", lambda: shared.redis.hgetall(key))
         if raw is None:  # Redis failed or is paused after a failure
-            metrics.child(metrics.CACHE_REDIS_BYPASS, "lookup").inc()
+            metrics.tally(metrics.CACHE_REDIS_BYPASS, "lookup")
             return None
         entries = [e for e in (Entry.decode(v) for v in raw.values()) if e is not None]
         live = [e for e in entries if not e.expired(now)]
@@ -848,7 +963,7 @@ class ResponseCache:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             await asyncio.sleep(FILL_POLL)
-            entries = await self._redis_lookup(key, now())
+            entries = await self.lookup_shared(key, now())
             if entries:
                 return entries
             if not await self._lock_held(key):
@@ -860,12 +975,12 @@ class ResponseCache:
     def store(self, key: str, route: str, entry: Entry) -> None:
         """Keep the entry in this process now; write it to Redis in the background."""
         if self.memory.put(key, route, entry):
-            metrics.child(metrics.CACHE_STORES, route, "memory").inc()
+            metrics.tally(metrics.CACHE_STORES, route, "memory")
         shared = self.shared
         if shared is None:
             return
         if self._pending_writes >= MAX_PENDING_WRITES:
-            metrics.child(metrics.CACHE_NOT_STORED, route, "redis_busy").inc()
+            metrics.tally(metrics.CACHE_NOT_STORED, route, "redis_busy")
             return
         self._pending_writes += 1
         tasks.spawn(self._write(shared, key, route, entry), name="cache-write")
@@ -891,9 +1006,9 @@ class ResponseCache:
 
             done = await shared.run("cache store", write)
             if done:
-                metrics.child(metrics.CACHE_STORES, route, "redis").inc()
+                metrics.tally(metrics.CACHE_STORES, route, "redis")
             else:
-                metrics.child(metrics.CACHE_REDIS_BYPASS, "store").inc()
+                metrics.tally(metrics.CACHE_REDIS_BYPASS, "store")
         finally:
             self._pending_writes -= 1
 
@@ -903,7 +1018,7 @@ class ResponseCache:
         """Forget these keys here, in Redis, and (through the event stream) on
         every other replica."""
         self.memory.drop(keys)
-        metrics.child(metrics.CACHE_INVALIDATIONS, route, cause).inc()
+        metrics.tally(metrics.CACHE_INVALIDATIONS, route, cause)
         shared = self.shared
         if shared is None or not keys:
             return
@@ -925,7 +1040,7 @@ class ResponseCache:
         """Purge matching entries everywhere; returns what was removed."""
         dropped = self.memory.drop_matching(lambda k: what.matches(k, self.prefix))
         if what.route:
-            metrics.child(metrics.CACHE_INVALIDATIONS, what.route, "purge").inc()
+            metrics.tally(metrics.CACHE_INVALIDATIONS, what.route, "purge")
         out: dict[str, Any] = {"memory_entries": dropped, "redis_keys": 0, "redis": "absent"}
         shared = self.shared
         if shared is None:

@@ -1,8 +1,13 @@
 """Every Prometheus metric, in one place.
 
-``.labels(...)`` costs a few microseconds, so the request path never calls it:
-`children` returns a cached bundle per (route, backend) and the proxy keeps
-using it.
+The request path never calls prometheus-client itself: a labelled counter
+bump takes a lock and costs about 0.7 µs, a histogram observation 1.4 µs,
+and a cache miss makes several. It adds up plain integers instead
+(`tally`, `RouteMetrics.observe`, `Level`), and `flush` hands the sums to
+prometheus-client in one go: before every ``/metrics`` answer of a
+single-process gateway, and every `FLUSH_INTERVAL` in each worker of a
+multi-worker one (whose ``/metrics`` the supervisor reads from the workers'
+files), so a scrape lags by at most that.
 
 With several workers the gateway runs prometheus-client's multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR`` is set before any worker starts); each gauge
@@ -19,9 +24,11 @@ its workers) publishes its own copy.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
@@ -47,7 +54,12 @@ __all__ = [
     "RouteMetrics",
     "children",
     "exposition",
+    "flush",
+    "tally",
 ]
+
+#: How often a worker process hands its counts to prometheus-client (multi-worker mode).
+FLUSH_INTERVAL = 0.5
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -206,24 +218,53 @@ CONFIG_GENERATION = Gauge(
 )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class RouteMetrics:
-    """Pre-resolved metric children for one (route, backend)."""
+    """Request counts and latencies of one (route, backend), added up until
+    the next `flush`."""
 
     by_class: tuple[Counter, ...]  # index status // 100, 0 unused
     duration: Histogram
+    counts: list[int] = field(default_factory=lambda: [0] * 6)
+    #: Per histogram bucket (upper bounds LATENCY_BUCKETS, then +Inf), not cumulative.
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    seconds: float = 0.0
+    dirty: bool = False
 
     def observe(self, status: int, seconds: float) -> None:
         idx = status // 100
-        self.by_class[idx if 1 <= idx <= 5 else 5].inc()
-        self.duration.observe(seconds)
+        self.counts[idx if 1 <= idx <= 5 else 5] += 1
+        # prometheus-client's rule: the first bucket whose upper bound is >= the value
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+        if not self.dirty:
+            self.dirty = True
+            _dirty.append(self)
+
+    def flush(self) -> None:
+        counts, buckets = self.counts, self.buckets
+        for i, n in enumerate(counts):
+            if n:
+                self.by_class[i].inc(n)
+                counts[i] = 0
+        # Histogram has no public way to add many observations at once; these are
+        # the attributes its observe() updates (non-cumulative bucket counts, sum).
+        hist: Any = self.duration
+        for i, n in enumerate(buckets):
+            if n:
+                hist._buckets[i].inc(n)
+                buckets[i] = 0
+        hist._sum.inc(self.seconds)
+        self.seconds = 0.0
+        self.dirty = False
 
 
 _children: dict[tuple[str, str], RouteMetrics] = {}
+_dirty: list[RouteMetrics] = []
 
 
 def children(route: str, backend: str) -> RouteMetrics:
-    """The cached metric children for (route, backend)."""
+    """The metric bundle for (route, backend), made once."""
     m = _children.get((route, backend))
     if m is None:
         classes = tuple(
@@ -242,13 +283,63 @@ _labelled: dict[tuple[Any, ...], Any] = {}
 
 
 def child(metric: Any, *labels: str) -> Any:
-    """``metric.labels(*labels)``, remembered: for counters the request path
-    bumps with labels known only per request (route, outcome)."""
+    """``metric.labels(*labels)``, remembered (for counts off the request path)."""
     key = (metric, *labels)
     found = _labelled.get(key)
     if found is None:
         found = _labelled[key] = metric.labels(*labels)
     return found
+
+
+#: Counts since the last flush, by (metric, *labels).
+_tallies: dict[tuple[Any, ...], int] = {}
+
+
+def tally(metric: Any, *labels: str, n: int = 1) -> None:
+    """``metric.labels(*labels).inc(n)`` at the next `flush`: for counters the
+    request path bumps."""
+    key = (metric, *labels)
+    _tallies[key] = _tallies.get(key, 0) + n
+
+
+class Level:
+    """A gauge the request path moves up and down (requests in flight, bytes
+    held): a plain number, copied into its gauge at every `flush`."""
+
+    __slots__ = ("gauge", "value")
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self.value = 0
+        _levels.append(self)
+
+
+_levels: list[Level] = []
+
+IN_FLIGHT = Level(INFLIGHT)
+CACHE_MEMORY = Level(CACHE_MEMORY_BYTES)
+
+
+def flush() -> None:
+    """Hand everything counted since the last flush to prometheus-client."""
+    global _tallies
+    tallies, _tallies = _tallies, {}
+    for (metric, *labels), n in tallies.items():
+        child(metric, *labels).inc(n)
+    while _dirty:
+        _dirty.pop().flush()
+    for level in _levels:
+        level.gauge.set(level.value)
+
+
+async def flush_forever(interval: float = FLUSH_INTERVAL) -> None:
+    """A worker's periodic `flush` (its ``/metrics`` is served by the supervisor)."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            flush()
+    finally:
+        flush()
 
 
 _weights: dict[str, dict[str, int]] = {}
@@ -307,6 +398,7 @@ def multiprocess_dir() -> str | None:
 
 def exposition() -> bytes:
     """The text exposition for ``/metrics`` (aggregated across workers if needed)."""
+    flush()
     if multiprocess_dir():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

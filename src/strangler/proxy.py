@@ -313,7 +313,7 @@ class _CacheableRequest:
             _never_disconnects, background=True,
         )  # fmt: skip
 
-    def upstream_headers(self, snap: Snapshot) -> list[tuple[bytes, bytes]]:
+    def upstream_headers(self, snap: Snapshot, info: RequestInfo) -> list[tuple[bytes, bytes]]:
         """The headers to send the backend, without the client's conditionals
         (the cache makes its own, and answers the client's itself)."""
         pool = snap.pools[self.backend]
@@ -325,6 +325,8 @@ class _CacheableRequest:
             request_id=self.request_id.encode(),
             forwarding=snap.forwarding,
         )
+        if not info.conditional:
+            return headers
         return [(n, v) for n, v in headers if n not in _CONDITIONAL]
 
 
@@ -549,7 +551,7 @@ class ProxyApp:
             return
 
         served_by = backend
-        metrics.INFLIGHT.inc()
+        metrics.IN_FLIGHT.value += 1
         status = 502
         try:
             try:
@@ -610,7 +612,7 @@ class ProxyApp:
                     body, resp.status, status, primary_headers, tee,
                 )  # fmt: skip
         finally:
-            metrics.INFLIGHT.dec()
+            metrics.IN_FLIGHT.value -= 1
             elapsed = time.perf_counter() - started
             metrics.children(route.name, served_by).observe(status, elapsed)
             if snap.access_log:
@@ -809,11 +811,14 @@ class ProxyApp:
         info = RequestInfo.read(req.headers)
         route = req.route.name
         if info.range or info.control.has("no-store"):
-            metrics.child(metrics.CACHE_REQUESTS, route, "bypass").inc()
+            metrics.tally(metrics.CACHE_REQUESTS, route, "bypass")
             return False
         now = time.time()
         key = policy.key(cache.prefix, req.backend, req.host, req.path, req.query)
-        entry = policy.select(await cache.lookup(key, now), req.headers)
+        entries = cache.memory.get(key, now)
+        if entries is None and cache.shared is not None:
+            entries = await cache.lookup_shared(key, now)
+        entry = policy.select(entries, req.headers)
         if entry is not None and info.authorization and not policy.usable_with_authorization(entry):
             entry = None
         fresh: Freshness | None = None
@@ -823,25 +828,25 @@ class ProxyApp:
                 outcome, warning = "HIT", None
                 if not fresh.fresh:  # stale-while-revalidate: refresh once, in the background
                     outcome, warning = "STALE", _STALE
-                    metrics.child(metrics.CACHE_STALE, route, "while_revalidate").inc()
+                    metrics.tally(metrics.CACHE_STALE, route, "while_revalidate")
                     if cache.flight(key) is None:
                         refresh = self._fill(
                             snap, policy, req.for_refresh(), info, key, cache.begin_flight(key),
                             entry, Freshness(False, fresh.age), _discard,
                         )  # fmt: skip
                         tasks.spawn(refresh, name="cache-refresh")
-                metrics.child(metrics.CACHE_REQUESTS, route, outcome.lower()).inc()
+                metrics.tally(metrics.CACHE_REQUESTS, route, outcome.lower())
                 status = await self._serve_entry(
                     snap, req, info, entry, fresh.age, outcome, send, warning
                 )
                 self._finish(snap, req, entry.backend, status)
                 return True
         if info.control.has("only-if-cached"):
-            metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
+            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
             await self._reject(send, 504, "not_cached", "not in the cache", req.request_id)
             return True
         if req.method == "HEAD" and entry is None:
-            metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
+            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
             return False
 
         # Another request of this process is filling the entry: wait for it.
@@ -860,15 +865,15 @@ class ProxyApp:
             and policy.select([got], req.headers) is not None
             and (not info.authorization or policy.usable_with_authorization(got))
         ):
-            metrics.child(metrics.CACHE_COALESCED, route, "served").inc()
-            metrics.child(metrics.CACHE_REQUESTS, route, "hit").inc()
+            metrics.tally(metrics.CACHE_COALESCED, route, "served")
+            metrics.tally(metrics.CACHE_REQUESTS, route, "hit")
             status = await self._serve_entry(
                 snap, req, info, got, got.age(time.time()), "HIT", send
             )
             self._finish(snap, req, got.backend, status)
             return True
-        metrics.child(metrics.CACHE_COALESCED, route, "gave_up").inc()
-        metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
+        metrics.tally(metrics.CACHE_COALESCED, route, "gave_up")
+        metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
         return False
 
     async def _fill(
@@ -893,9 +898,9 @@ class ProxyApp:
         served_by = req.backend
         status = 502
         if not req.background:
-            metrics.INFLIGHT.inc()
+            metrics.IN_FLIGHT.value += 1
         try:
-            if stale is None:
+            if stale is None and cache.shared is not None:
                 # A cold key: across replicas, one fetches and the others wait.
                 locked = await cache.fill_lock(key, policy.lock_timeout)
                 if not locked:
@@ -903,14 +908,14 @@ class ProxyApp:
                     got = policy.select(entries, req.headers)
                     if got is not None and policy.freshness(got, info, time.time()).fresh:
                         stored = got
-                        metrics.child(metrics.CACHE_COALESCED, route, "served").inc()
-                        metrics.child(metrics.CACHE_REQUESTS, route, "hit").inc()
+                        metrics.tally(metrics.CACHE_COALESCED, route, "served")
+                        metrics.tally(metrics.CACHE_REQUESTS, route, "hit")
                         served_by = got.backend
                         status = await self._serve_entry(
                             snap, req, info, got, got.age(time.time()), "HIT", send
                         )
                         return
-            headers = req.upstream_headers(snap)
+            headers = req.upstream_headers(snap, info)
             if stale is not None:
                 if stale.etag is not None:
                     headers.append((b"if-none-match", stale.etag))
@@ -926,7 +931,7 @@ class ProxyApp:
                 if stale is not None and fresh is not None and fresh.stale_on_error:
                     status = await self._serve_stale_on_error(snap, req, info, stale, send)
                     return
-                metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
+                metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
                 status = exc.status
                 await self._error(send, exc, req.request_id, route if snap.debug_headers else None)
                 return
@@ -941,12 +946,12 @@ class ProxyApp:
                 resp.release()
                 stored = policy.refreshed(stale, out_headers, request_time, response_time)
                 cache.store(key, route, stored)
-                metrics.child(metrics.CACHE_REQUESTS, route, "revalidated").inc()
+                metrics.tally(metrics.CACHE_REQUESTS, route, "revalidated")
                 status = await self._serve_entry(
                     snap, req, info, stored, stored.age(time.time()), "REVALIDATED", send
                 )
                 return
-            metrics.child(metrics.CACHE_REQUESTS, route, "miss").inc()
+            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
             status = resp.status
             prefix: list[bytes] = []
             if req.method == "GET" and _fits(out_headers, policy.max_object_bytes):
@@ -972,21 +977,21 @@ class ProxyApp:
                         else:
                             cache.store(key, route, built)
                     else:
-                        metrics.child(metrics.CACHE_NOT_STORED, route, built).inc()
+                        metrics.tally(metrics.CACHE_NOT_STORED, route, built)
                 else:
-                    metrics.child(metrics.CACHE_NOT_STORED, route, "too_large").inc()
+                    metrics.tally(metrics.CACHE_NOT_STORED, route, "too_large")
             elif req.method == "GET":
-                metrics.child(metrics.CACHE_NOT_STORED, route, "too_large").inc()
+                metrics.tally(metrics.CACHE_NOT_STORED, route, "too_large")
             self._decorate(snap, req, out_headers, served_by, "MISS", fallback_reason)
             status = await self._stream(
                 resp, status, out_headers, req.method, req.receive, send, None, prefix
             )
         finally:
             cache.end_flight(key, flight, stored)
-            if locked and cache.shared is not None:
+            if locked:
                 tasks.spawn(cache.release_lock(key), name="cache-unlock")
             if not req.background:
-                metrics.INFLIGHT.dec()
+                metrics.IN_FLIGHT.value -= 1
             self._finish(snap, req, served_by, status)
 
     async def _serve_stale_on_error(
@@ -998,8 +1003,8 @@ class ProxyApp:
         send: Send,
     ) -> int:
         route = req.route.name
-        metrics.child(metrics.CACHE_REQUESTS, route, "stale").inc()
-        metrics.child(metrics.CACHE_STALE, route, "if_error").inc()
+        metrics.tally(metrics.CACHE_REQUESTS, route, "stale")
+        metrics.tally(metrics.CACHE_STALE, route, "if_error")
         return await self._serve_entry(
             snap, req, info, entry, entry.age(time.time()), "STALE", send, _REVALIDATION_FAILED
         )

@@ -315,7 +315,7 @@ def _worker_main(opts: ServeOptions, sock: socket.socket, index: int, initial: R
 async def _worker_serve(
     opts: ServeOptions, sock: socket.socket, index: int, initial: RouteFile
 ) -> int:
-    from strangler import tasks
+    from strangler import metrics, tasks
     from strangler.proxy import ProxyApp
     from strangler.runtime import Runtime
 
@@ -347,6 +347,7 @@ async def _worker_serve(
         drain()
         server.force_exit = True
 
+    tasks.spawn(metrics.flush_forever(), name="metrics-flush")
     loop.add_signal_handler(signal.SIGTERM, drain)
     loop.add_signal_handler(signal.SIGQUIT, exit_now)  # the supervisor's "stop waiting"
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides

@@ -78,12 +78,12 @@ _SHADOW_MARK = (b"x-strangler-shadow", b"1")
 
 def _to_metrics(kind: str, route: str, label: str, n: int = 1) -> None:
     if kind == "requests":
-        metrics.child(metrics.SHADOW_REQUESTS, route, label).inc(n)
+        metrics.tally(metrics.SHADOW_REQUESTS, route, label, n=n)
         return
     # "skipped" (a request not copied) or "capped" (a reason only)
-    metrics.child(metrics.SHADOW_SKIPPED, route, label).inc(n)
+    metrics.tally(metrics.SHADOW_SKIPPED, route, label, n=n)
     if kind == "skipped":
-        metrics.child(metrics.SHADOW_REQUESTS, route, "skipped").inc(n)
+        metrics.tally(metrics.SHADOW_REQUESTS, route, "skipped", n=n)
 
 
 #: Where counts go: the metrics, or (in the shadow worker process) a batch for the gateway.

@@ -80,6 +80,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 _VIA = (b"via", b"1.1 strangler")
 _RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id"}
+#: Connection values that name no other field (the usual ones).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 _CHUNK = 64 * 1024
 #: How long a retired pool waits for its busy connections before closing anyway.
@@ -182,15 +184,20 @@ def build_request_headers(
 
 
 def clean_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers minus hop-by-hop and the backend's request id."""
-    raw = list(raw)
-    conn = _connection_tokens(raw)
+    """Upstream response headers minus hop-by-hop and the backend's request id
+    (names lower-cased)."""
     out: list[tuple[bytes, bytes]] = []
+    named: list[bytes] | None = None  # Connection values naming more hop-by-hop fields
     for name, value in raw:
         lname = name.lower()
-        if lname in _RESPONSE_DROP or lname in conn:
+        if lname in _RESPONSE_DROP:
+            if lname == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                named = [value] if named is None else [*named, value]
             continue
         out.append((lname, value))
+    if named is not None:
+        conn = _connection_tokens((b"connection", v) for v in named)
+        out = [(n, v) for n, v in out if n not in conn]
     return out
 
 
