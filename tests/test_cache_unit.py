@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
-from dataclasses import replace
 
 import pytest
 from prometheus_client import REGISTRY
@@ -42,7 +41,7 @@ def entry(
     swr: float = 0.0,
     sie: float = 0.0,
 ) -> Entry:
-    return Entry(
+    return Entry.make(
         status=200,
         headers=hdrs(*headers),
         body=body,
@@ -291,7 +290,7 @@ def test_select_skips_entries_stored_before_the_route_varied_on_a_header() -> No
 
 def test_select_prefers_the_newest_matching_variant() -> None:
     older = entry(vary=(("x-a", "1"),))
-    newer = replace(older, response_time=T + 5)
+    newer = older.updated(response_time=T + 5)
     assert policy().select([older, newer], hdrs(("X-A", "1"))) is newer
 
 

@@ -38,8 +38,8 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import InitVar, dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from strangler import cachecontrol as cc
 from strangler import metrics, tasks
@@ -91,19 +91,18 @@ _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # --------------------------------------------------------------------------- entries
 
 
-@dataclass(slots=True)
-class Entry:
-    """One stored response.
+class Entry(NamedTuple):
+    """One stored response: a tuple of atomic values (and tuples of them).
 
-    Built to be cheap for the garbage collector, since the in-process layer
-    holds many of them: everything but the instance itself is an atomic
-    value or a tuple of them (which the collector stops tracking), and the
-    parsed ``Cache-Control`` is kept only as the flags the rules need.
+    The in-process layer keeps entries as plain tuples, and the garbage
+    collector stops tracking a tuple that holds only such values: 100,000
+    cached responses cost a full collection nothing, where objects of a
+    class would each be scanned (a pause of tens of milliseconds). Make
+    entries with `make`, which derives the fields after ``stale_if_error``.
     """
 
     status: int
-    #: Stored as a tuple (any sequence is accepted).
-    headers: Sequence[tuple[bytes, bytes]]
+    headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     #: Wall-clock times of the request that produced it and of its response.
     request_time: float
@@ -118,13 +117,9 @@ class Entry:
     #: Windows in seconds past freshness for stale serving.
     stale_while_revalidate: float = 0.0
     stale_if_error: float = 0.0
-    #: The parsed Cache-Control, when the caller has it (else parsed from the headers).
-    parsed: InitVar[cc.CacheControl | None] = None
-    #: The fields below were set by the caller (else they are derived here).
-    derived: InitVar[bool] = False
+    # Derived by `make` (or by RoutePolicy.build_entry, which has them at hand):
     etag: bytes | None = None
     last_modified: bytes | None = None
-    #: Derived once: Cache-Control flags, the names varied on, when to drop it, its size.
     no_cache: bool = False
     #: ``public``, ``s-maxage`` or ``must-revalidate``: may answer requests with Authorization.
     shareable: bool = False
@@ -133,36 +128,75 @@ class Entry:
     vary_names: tuple[str, ...] = ()
     #: The variant's field in the Redis hash (and its identity in memory).
     vkey: str = ""
-    #: The route whose entry this is (set when stored in memory; for the metrics).
-    route: str = ""
     expires_at: float = 0.0
     size: int = 0
 
-    def __post_init__(self, parsed: cc.CacheControl | None, derived: bool) -> None:
-        if derived:  # made by RoutePolicy.build_entry, which worked all of it out already
-            return
-        self.headers = tuple(self.headers)
+    @classmethod
+    def make(
+        cls,
+        *,
+        status: int,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        request_time: float,
+        response_time: float,
+        initial_age: float,
+        lifetime: float,
+        vary: Iterable[tuple[str, str | None]],
+        backend: str,
+        stale_while_revalidate: float = 0.0,
+        stale_if_error: float = 0.0,
+    ) -> Entry:
+        """An entry with its derived fields worked out from the others."""
+        headers = tuple(headers)
+        vary = tuple(vary)
         values: list[bytes] = []
-        size = len(self.body) + 200
-        for name, value in self.headers:
+        etag = last_modified = None
+        size = len(body) + 200
+        for name, value in headers:
             size += len(name) + len(value) + 4
             if name == b"cache-control":
                 values.append(value)
             elif name == b"etag":
-                self.etag = value
+                etag = value
             elif name == b"last-modified":
-                self.last_modified = value
-        control = parsed if parsed is not None else cc.CacheControl.parse(values)
-        self.no_cache = control.has("no-cache")
-        self.shareable = (
-            control.has("public") or control.has("s-maxage") or control.has("must-revalidate")
+                last_modified = value
+        control = cc.CacheControl.parse(values)
+        keep = _keep_for(
+            lifetime,
+            initial_age,
+            stale_while_revalidate,
+            stale_if_error,
+            etag is not None or last_modified is not None,
         )
-        self.may_stale = cc.may_serve_stale(control)
-        self.vary = tuple(self.vary)
-        self.vary_names = tuple(n for n, _ in self.vary)
-        self.vkey = _vkey(self.vary)
-        self.expires_at = self.response_time + self.keep_for()
-        self.size = size
+        return cls(
+            status,
+            headers,
+            body,
+            request_time,
+            response_time,
+            initial_age,
+            lifetime,
+            vary,
+            backend,
+            stale_while_revalidate,
+            stale_if_error,
+            etag,
+            last_modified,
+            control.has("no-cache"),
+            control.has("public") or control.has("s-maxage") or control.has("must-revalidate"),
+            cc.may_serve_stale(control),
+            tuple(n for n, _ in vary),
+            _vkey(vary),
+            response_time + keep,
+            size,
+        )
+
+    def updated(self, **changes: Any) -> Entry:
+        """A copy with some of the fields `make` takes changed (the rest re-derived)."""
+        fields = {name: getattr(self, name) for name in _MADE_FROM}
+        fields.update(changes)
+        return Entry.make(**fields)
 
     @property
     def control(self) -> cc.CacheControl:
@@ -208,7 +242,7 @@ class Entry:
             return None
         try:
             meta = json.loads(head)
-            return cls(
+            return cls.make(
                 status=int(meta["s"]),
                 headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["h"]],
                 body=body,
@@ -223,6 +257,21 @@ class Entry:
             )
         except (ValueError, KeyError, TypeError, UnicodeError, AttributeError):
             return None
+
+
+_MADE_FROM = (
+    "status",
+    "headers",
+    "body",
+    "request_time",
+    "response_time",
+    "initial_age",
+    "lifetime",
+    "vary",
+    "backend",
+    "stale_while_revalidate",
+    "stale_if_error",
+)
 
 
 def _keep_for(
@@ -505,14 +554,16 @@ class RoutePolicy:
         expires = date_value = last_modified = etag = age = None
         set_cookie = False
         size = len(body) + 200
-        for name, value in headers:
+        for pair in headers:
+            name, value = pair
             if name in _SKIP_STORED:
                 if name == b"age":
                     age = value
                 elif name != b"x-strangler-cache":
                     set_cookie = True
                 continue
-            stored.append((name, value))
+            # The caller's own pair: every object kept alive costs the garbage collector.
+            stored.append(pair)
             size += len(name) + len(value) + 4
             if name == b"cache-control":
                 control.append(value)
@@ -557,27 +608,26 @@ class RoutePolicy:
             else ()
         )
         return Entry(
-            status=status,
-            headers=tuple(stored),
-            body=body,
-            request_time=request_time,
-            response_time=response_time,
-            initial_age=initial_age,
-            lifetime=lifetime,
-            vary=varied,
-            backend=backend,
-            stale_while_revalidate=swr,
-            stale_if_error=sie,
-            etag=etag,
-            last_modified=last_modified,
-            no_cache=rules.no_cache,
-            shareable=rules.shareable,
-            may_stale=rules.may_stale,
-            vary_names=rules.vary_names,
-            vkey=_vkey(varied) if varied else "",
-            expires_at=response_time + _keep_for(lifetime, initial_age, swr, sie, validators),
-            size=size,
-            derived=True,
+            status,
+            tuple(stored),
+            body,
+            request_time,
+            response_time,
+            initial_age,
+            lifetime,
+            varied,
+            backend,
+            swr,
+            sie,
+            etag,
+            last_modified,
+            rules.no_cache,
+            rules.shareable,
+            rules.may_stale,
+            rules.vary_names,
+            _vkey(varied) if varied else "",
+            response_time + _keep_for(lifetime, initial_age, swr, sie, validators),
+            size,
         )
 
     def _rules(
@@ -683,9 +733,8 @@ class RoutePolicy:
         )
         if isinstance(built, str):
             # Still usable for this one answer, just not worth keeping fresh.
-            return replace(
-                entry,
-                headers=tuple(merged),
+            return entry.updated(
+                headers=merged,
                 request_time=request_time,
                 response_time=response_time,
                 initial_age=0.0,
@@ -709,14 +758,15 @@ def is_unsafe(method: str) -> bool:
 class MemoryLayer:
     """Per-process LRU of variants by key, bounded in bytes.
 
-    A key holds its one entry directly, or a tuple of variants: one object
-    the garbage collector tracks per key in the common case, not three.
+    A key holds ``(route, entry, ...)`` with its entries as plain tuples, so
+    the garbage collector stops tracking all of it after one look (see
+    `Entry`); `get` hands out `Entry` views of them.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._data: OrderedDict[str, Entry | tuple[Entry, ...]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -725,47 +775,45 @@ class MemoryLayer:
         item = self._data.get(key)
         if item is None:
             return None
-        entries = (item,) if isinstance(item, Entry) else item
-        for e in entries:
-            if now > e.expires_at:
-                break
-        else:  # nothing expired: the common case
+        if len(item) == 2:  # one variant: the common case
+            if now <= item[1][_EXPIRES_AT]:
+                self._data.move_to_end(key)
+                return [_as_entry(item[1])]
+        elif all(now <= t[_EXPIRES_AT] for t in item[1:]):
             self._data.move_to_end(key)
-            return list(entries)
-        live = [e for e in entries if not e.expired(now)]
-        self.bytes -= sum(e.size for e in entries) - sum(e.size for e in live)
+            return [_as_entry(t) for t in item[1:]]
+        live = tuple(t for t in item[1:] if now <= t[_EXPIRES_AT])
+        self.bytes -= sum(t[_SIZE] for t in item[1:]) - sum(t[_SIZE] for t in live)
         self._gauge()
         if not live:
             del self._data[key]
             return None
-        self._data[key] = live[0] if len(live) == 1 else tuple(live)
+        self._data[key] = (item[0], *live)
         self._data.move_to_end(key)
-        return live
+        return [_as_entry(t) for t in live]
 
     def put(self, key: str, route: str, entry: Entry) -> bool:
         size = entry.size
         if size > self.max_bytes:
             return False
-        entry.route = route
         old = self._data.pop(key, None)
-        kept: list[Entry] = []
+        kept: list[tuple[Any, ...]] = []
         if old is not None:
             vk = entry.vkey
-            for e in (old,) if isinstance(old, Entry) else old:
-                if e.vkey == vk:
-                    self.bytes -= e.size
+            for t in old[1:]:
+                if t[_VKEY] == vk:
+                    self.bytes -= t[_SIZE]
                 else:
-                    kept.append(e)
-        kept.append(entry)
+                    kept.append(t)
+        kept.append(tuple(entry))  # a plain tuple: see Entry
         while len(kept) > MAX_VARIANTS:
-            self.bytes -= kept.pop(0).size
-        self._data[key] = kept[0] if len(kept) == 1 else tuple(kept)
+            self.bytes -= kept.pop(0)[_SIZE]
+        self._data[key] = (route, *kept)
         self.bytes += size
         while self.bytes > self.max_bytes and self._data:
             _, gone = self._data.popitem(last=False)
-            evicted = (gone,) if isinstance(gone, Entry) else gone
-            self.bytes -= sum(e.size for e in evicted)
-            metrics.tally(metrics.CACHE_EVICTIONS, evicted[0].route, n=len(evicted))
+            self.bytes -= sum(t[_SIZE] for t in gone[1:])
+            metrics.tally(metrics.CACHE_EVICTIONS, gone[0], n=len(gone) - 1)
         self._gauge()
         return True
 
@@ -774,9 +822,8 @@ class MemoryLayer:
         for key in keys:
             item = self._data.pop(key, None)
             if item is not None:
-                dropped = (item,) if isinstance(item, Entry) else item
-                self.bytes -= sum(e.size for e in dropped)
-                n += len(dropped)
+                self.bytes -= sum(t[_SIZE] for t in item[1:])
+                n += len(item) - 1
         self._gauge()
         return n
 
@@ -785,6 +832,12 @@ class MemoryLayer:
 
     def _gauge(self) -> None:
         metrics.CACHE_MEMORY.value = self.bytes
+
+
+_EXPIRES_AT = Entry._fields.index("expires_at")
+_SIZE = Entry._fields.index("size")
+_VKEY = Entry._fields.index("vkey")
+_as_entry: Callable[[tuple[Any, ...]], Entry] = Entry._make
 
 
 # --------------------------------------------------------------------------- the cache
