@@ -846,6 +846,26 @@ def versus_line(base: WrkResult, gateway: WrkResult, args: argparse.Namespace) -
     return line
 
 
+def median_result(runs: list[WrkResult]) -> WrkResult:
+    """Each number's median over several runs of one target (the run itself when one)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(values: list[float | None]) -> float | None:
+        known = sorted(v for v in values if v is not None)
+        return known[len(known) // 2] if known else None
+
+    middle = sorted(runs, key=lambda r: r.requests_per_sec)[len(runs) // 2]
+    return replace(
+        middle,
+        percentiles_ms={
+            k: med([r.percentiles_ms.get(k) for r in runs]) or 0.0 for k in middle.percentiles_ms
+        },
+        unloaded_p50_ms=med([r.unloaded_p50_ms for r in runs]),
+        paced_p50_ms=med([r.paced_p50_ms for r in runs]),
+    )
+
+
 def result_dict(result: WrkResult) -> dict[str, object]:
     data = asdict(result)
     data["errors"] = result.errors
@@ -885,6 +905,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure a single target (no ratio line); useful when debugging one side",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --versus: measure the two scenarios this many times, alternating, and "
+        "report the medians (small differences on a noisy machine need several rounds)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="record a py-spy profile of the gateway during its measured run into "
@@ -898,6 +925,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "raw writes collapsed stacks to profile-<scenario>.txt)",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.rounds > 1 and args.versus is None:
+        parser.error("--rounds needs --versus")
     if args.duration < 1 or args.connections < 1 or args.threads < 1:
         parser.error("--duration, --connections and --threads must be >= 1")
     if args.connections < args.threads:
@@ -947,19 +978,29 @@ def run(args: argparse.Namespace) -> int:
             # Sequential on purpose: both proxies must get the same CPU budget.
             if args.only in (None, "nginx"):
                 results["nginx"] = bench_nginx_proxy(nginx, workdir, backend_port, spec, path)
-            if args.only in (None, "gateway"):
-                profile = args.profile_format if args.profile else None
-                results["gateway"], profile_path = bench_gateway(
-                    workdir, backend_port, spec, args.scenario, profile
-                )
             if args.versus is not None:
                 # The same requests (the scenario's wrk script, if any) for both scenarios:
                 # a Lua request() makes wrk itself slower, so it must shape both runs.
                 if SCENARIOS[args.versus](ScenarioContext("http://unused", 0, 0)).wrk_script:
                     raise BenchError("--versus needs a scenario without a wrk script")
-                results[f"gw-{args.versus}"], _ = bench_gateway(
-                    workdir, backend_port, spec, args.versus, None
-                )
+            mine: list[WrkResult] = []
+            theirs: list[WrkResult] = []
+            for round_no in range(args.rounds):
+                if args.only in (None, "gateway"):
+                    profile = args.profile_format if args.profile and not round_no else None
+                    result, path_written = bench_gateway(
+                        workdir, backend_port, spec, args.scenario, profile
+                    )
+                    mine.append(result)
+                    profile_path = profile_path or path_written
+                if args.versus is not None:
+                    theirs.append(bench_gateway(workdir, backend_port, spec, args.versus, None)[0])
+                if args.rounds > 1 and mine and theirs:
+                    log(f"round {round_no + 1}: {versus_line(theirs[-1], mine[-1], args)}")
+            if mine:
+                results["gateway"] = median_result(mine)
+            if theirs:
+                results[f"gw-{args.versus}"] = median_result(theirs)
 
     print(
         f"scenario={args.scenario} duration={args.duration}s connections={args.connections} "

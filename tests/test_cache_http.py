@@ -391,7 +391,8 @@ def test_public_or_s_maxage_responses_are_shared_with_authorized_requests(
 # ------------------------------------------------------------------ 7. invalidation
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+# M-SEARCH: a method the gateway does not know counts as unsafe (RFC 9111 §4.4).
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "M-SEARCH"])
 def test_a_successful_unsafe_method_invalidates_its_uri(
     gw: GatewayProcess, client: httpx.Client, method: str
 ) -> None:

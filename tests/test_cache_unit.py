@@ -5,6 +5,7 @@ the ``cache:`` block of the route file."""
 
 from __future__ import annotations
 
+import email.utils
 import textwrap
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ from strangler.cache import (
     PurgeRequest,
     RequestInfo,
     RoutePolicy,
+    is_unsafe,
 )
 from strangler.config import Cache
 from strangler.exceptions import ConfigError
@@ -77,6 +79,63 @@ def build(
         response_time=T,
         backend="mono",
     )
+
+
+# ------------------------------------------------------------------ conformance details
+
+
+def test_of_two_age_lines_the_first_counts() -> None:
+    pol = policy()
+    assert build(pol, ("Cache-Control", "max-age=3600"), ("Age", "7200"), ("Age", "0")) == (
+        "no-freshness"
+    )
+    kept = build(pol, ("Cache-Control", "max-age=3600"), ("Age", "0"), ("Age", "7200"))
+    assert isinstance(kept, Entry)
+    assert kept.initial_age < 3600
+
+
+def test_two_expires_lines_mean_already_expired() -> None:
+    future = email.utils.formatdate(T + 3600, usegmt=True)
+    assert build(policy(), ("Expires", future)) != "no-freshness"
+    assert build(policy(), ("Expires", future), ("Expires", future)) == "no-freshness"
+
+
+def test_cdn_cache_control_replaces_cache_control_and_expires() -> None:
+    pol = policy()
+    stored = build(pol, ("Cache-Control", "no-store"), ("CDN-Cache-Control", "max-age=600"))
+    assert isinstance(stored, Entry)
+    assert stored.lifetime == 600
+    assert build(pol, ("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "no-store")) == (
+        "no-store"
+    )
+    assert build(pol, ("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "private")) == (
+        "private"
+    )
+    future = email.utils.formatdate(T + 3600, usegmt=True)
+    assert build(pol, ("CDN-Cache-Control", "max-age=0"), ("Expires", future)) == (
+        "no-freshness"
+    )
+    revalidated = build(
+        pol, ("Cache-Control", "max-age=600"), ("CDN-Cache-Control", "no-cache"), ("ETag", '"1"')
+    )
+    assert isinstance(revalidated, Entry)
+    assert revalidated.no_cache
+    decoded = Entry.decode(revalidated.encode())  # as read back from Redis
+    assert decoded is not None and decoded.no_cache
+
+
+def test_an_invalid_cdn_cache_control_leaves_cache_control_in_charge() -> None:
+    assert build(policy(), ("Cache-Control", "no-store"), ("CDN-Cache-Control", 'max-age="1"')) == (
+        "no-store"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "unsafe"),
+    [("POST", True), ("DELETE", True), ("M-SEARCH", True), ("GET", False), ("OPTIONS", False)],
+)
+def test_every_method_but_the_safe_ones_invalidates(method: str, unsafe: bool) -> None:
+    assert is_unsafe(method) is unsafe
 
 
 # ------------------------------------------------------------------ entries

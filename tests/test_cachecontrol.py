@@ -15,6 +15,7 @@ from strangler.cachecontrol import (
     may_serve_stale,
     needs_revalidation,
     storable,
+    targeted,
 )
 
 DATE = "Mon, 23 Nov 2026 10:00:00 GMT"
@@ -71,6 +72,81 @@ def test_s_maxage_beats_max_age_beats_expires() -> None:
 
 def test_invalid_expires_means_already_expired() -> None:
     assert fresh_for("", expires="0") == 0
+
+
+FIXED = 2544400878.0  # Thu, 18 Aug 2050 02:01:18 GMT
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Thu, 18 Aug 2050 02:01:18 GMT",  # IMF-fixdate
+        "THU, 18 AUG 2050 02:01:18 gmt",  # names in any case
+        "Thursday, 18-Aug-50 02:01:18 GMT",  # RFC 850, two-digit year
+        "Thu Aug 18 02:01:18 2050",  # asctime
+    ],
+)
+def test_the_three_http_date_forms_are_read(value: str) -> None:
+    assert http_date(value) == FIXED
+
+
+def test_an_rfc_850_year_more_than_50_years_ahead_is_in_the_past() -> None:
+    assert http_date("Sunday, 06-Nov-94 08:49:37 GMT") == 784111777.0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Thu, 18 Aug 2050 02:01:18 UTC",
+        "Thu, 18 Aug 2050 02:01:18 AEST",
+        "Thu, 18 Aug 50 02:01:18 GMT",
+        "Thu 18 Aug 2050 02:01:18 GMT",
+        "Thu, 18  Aug  2050 02:01:18 GMT",
+        "Thu, 18-Aug-2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 02.01.18 GMT",
+        "Thu, 18 Aug 2050 2:01:18 GMT",
+        "Thu, 18 Aug 2050 25:01:18 GMT",
+        "0",
+        "",
+    ],
+)
+def test_anything_else_is_not_a_date_so_such_an_expires_is_already_stale(value: str) -> None:
+    assert http_date(value) is None
+    assert fresh_for("", expires=value) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("7200, 0", 7200), ("0, 7200", 0), ("7200;foo=bar", 7200), ("-7200", 0), ("7200.0", 0)],
+)
+def test_the_first_age_value_counts_and_a_malformed_one_is_zero(value: str, seconds: int) -> None:
+    assert current_age(age_header=value, date=None, request_time=T, response_time=T, now=T) == (
+        seconds
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "directives"),
+    [
+        ("max-age=600", {"max-age": "600"}),
+        ("no-store", {"no-store": None}),
+        ("foo, max-age=60;x=1", {"foo": None, "max-age": "60"}),
+        ("max-age=99999999999", {"max-age": "99999999999"}),
+    ],
+)
+def test_cdn_cache_control_is_read_as_a_structured_dictionary(
+    value: str, directives: dict[str, str | None]
+) -> None:
+    parsed = targeted([value.encode()])
+    assert parsed is not None
+    assert dict(parsed.directives) == directives
+
+
+@pytest.mark.parametrize(
+    "value", ['max-age="600"', "max-age=600, &&&", "max-age =600", "Max-Age=600", "max-age=1,"]
+)
+def test_an_invalid_cdn_cache_control_is_ignored(value: str) -> None:
+    assert targeted([value.encode()]) is None
 
 
 def test_heuristic_freshness_only_when_enabled() -> None:

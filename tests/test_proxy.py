@@ -56,8 +56,10 @@ class RawBackend(ThreadedServer):
     ``Connection``) next to ordinary ones and three ``Set-Cookie`` lines;
     ``/raw/truncated-length`` and ``/raw/truncated-chunked`` hang up after
     100 KB of a longer body; ``/raw/trickle`` sends one chunk, then a second
-    only after ``TRICKLE_PAUSE`` seconds. Runs its own event loop in a thread; every
-    connection is closed after one response.
+    only after ``TRICKLE_PAUSE`` seconds; ``/raw/status-999`` is not HTTP;
+    ``/cachedraw/truncated`` is a cacheable response that hangs up early.
+    Runs its own event loop in a thread; every connection is closed after one
+    response.
     """
 
     HOP_RESPONSE = (
@@ -84,6 +86,10 @@ class RawBackend(ThreadedServer):
         len(PART),
         PART,
     )
+    CACHED_TRUNCATED = (
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 1000\r\n\r\n" + b"p" * 100
+    )
+    STATUS_999 = b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n"
     TRICKLE_PAUSE = 1.5
     NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -103,6 +109,8 @@ class RawBackend(ThreadedServer):
                     b"/raw/hop": self.HOP_RESPONSE,
                     b"/raw/truncated-length": self.TRUNCATED_LENGTH,
                     b"/raw/truncated-chunked": self.TRUNCATED_CHUNKED,
+                    b"/raw/status-999": self.STATUS_999,
+                    b"/cachedraw/truncated": self.CACHED_TRUNCATED,
                 }.get(target, self.NOT_FOUND)
             )
             await writer.drain()
@@ -162,6 +170,7 @@ def _routes(monolith: str, raw: str, refused: str) -> dict[str, Any]:
             route("slow", "/api/slow", "slow"),
             route("dropped", "/api/dropped", "flaky"),
             route("raw", "/raw", "raw"),
+            route("cachedraw", "/cachedraw", "raw", cache={}),
             route("gone", "/gone", "gone"),
         ],
         limits={
@@ -484,6 +493,27 @@ def test_backend_dropping_the_connection_answers_502(
     after = gw.metric("strangler_upstream_errors_total", backend="flaky", kind="protocol")
     assert after == before + 1
     # The gateway itself is fine afterwards.
+    assert client.get("/echo/after").status_code == 200
+
+
+def test_a_status_that_is_not_http_answers_502(gw: GatewayProcess, client: httpx.Client) -> None:
+    before = gw.metric("strangler_upstream_errors_total", backend="raw", kind="protocol")
+    body = assert_clean_error(client.get("/raw/status-999"), 502)
+    assert body["error"] == "upstream_unavailable"
+    after = gw.metric("strangler_upstream_errors_total", backend="raw", kind="protocol")
+    assert after == before + 1
+
+
+def test_a_body_breaking_off_while_the_cache_reads_it_answers_502(
+    gw: GatewayProcess, client: httpx.Client
+) -> None:
+    # The cache reads a small body whole before answering, so nothing was sent
+    # yet: the client gets a clean 502 rather than a truncated 200.
+    before = gw.metric("strangler_upstream_errors_total", backend="raw", kind="protocol")
+    body = assert_clean_error(client.get("/cachedraw/truncated"), 502)
+    assert body["error"] == "upstream_unavailable"
+    after = gw.metric("strangler_upstream_errors_total", backend="raw", kind="protocol")
+    assert after == before + 1
     assert client.get("/echo/after").status_code == 200
 
 

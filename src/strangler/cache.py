@@ -85,7 +85,9 @@ _304_FIELDS = frozenset(
         b"vary",
     }
 )
-_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Methods known to be safe (RFC 9110 §9.2.1); every other one, unknown ones
+#: included, invalidates what the cache holds for its URI (RFC 9111 §4.4).
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 # --------------------------------------------------------------------------- entries
@@ -151,17 +153,20 @@ class Entry(NamedTuple):
         headers = tuple(headers)
         vary = tuple(vary)
         values: list[bytes] = []
+        cdn: list[bytes] = []
         etag = last_modified = None
         size = len(body) + 200
         for name, value in headers:
             size += len(name) + len(value) + 4
             if name == b"cache-control":
                 values.append(value)
+            elif name == b"cdn-cache-control":
+                cdn.append(value)
             elif name == b"etag":
                 etag = value
             elif name == b"last-modified":
                 last_modified = value
-        control = cc.CacheControl.parse(values)
+        control, _ = _directives(values, cdn)
         keep = _keep_for(
             lifetime,
             initial_age,
@@ -200,8 +205,11 @@ class Entry(NamedTuple):
 
     @property
     def control(self) -> cc.CacheControl:
-        """The stored Cache-Control, parsed (not on the request path)."""
-        return cc.CacheControl.parse(v for n, v in self.headers if n == b"cache-control")
+        """The stored directives that decide, parsed (not on the request path)."""
+        return _directives(
+            [v for n, v in self.headers if n == b"cache-control"],
+            [v for n, v in self.headers if n == b"cdn-cache-control"],
+        )[0]
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)
@@ -272,6 +280,19 @@ _MADE_FROM = (
     "stale_while_revalidate",
     "stale_if_error",
 )
+
+
+def _directives(
+    control: Sequence[bytes], cdn: Sequence[bytes]
+) -> tuple[cc.CacheControl, bool]:
+    """The response directives that decide, and whether they are the targeted
+    ``CDN-Cache-Control`` (RFC 9213: this gateway is a CDN-class cache, so a
+    valid one replaces ``Cache-Control`` and ``Expires``)."""
+    if cdn:
+        chosen = cc.targeted(cdn)
+        if chosen is not None:
+            return chosen, True
+    return cc.CacheControl.parse(control), False
 
 
 def _keep_for(
@@ -364,6 +385,8 @@ class _Rules:
     #: Why it may not be stored; empty when it may.
     reason: str
     control: cc.CacheControl
+    #: The directives are CDN-Cache-Control's (Expires is ignored).
+    targeted: bool
     #: From s-maxage, max-age or ``mode: ttl``; None when Expires or a heuristic decides.
     lifetime: float | None
     swr: float
@@ -549,6 +572,7 @@ class RoutePolicy:
             return "status"
         # One pass over the headers for everything the rules read.
         control: list[bytes] = []
+        cdn: list[bytes] = []
         vary: list[bytes] = []
         stored: list[tuple[bytes, bytes]] = []
         expires = date_value = last_modified = etag = age = None
@@ -558,7 +582,8 @@ class RoutePolicy:
             name, value = pair
             if name in _SKIP_STORED:
                 if name == b"age":
-                    age = value
+                    if age is None:  # the first line counts
+                        age = value
                 elif name != b"x-strangler-cache":
                     set_cookie = True
                 continue
@@ -567,19 +592,24 @@ class RoutePolicy:
             size += len(name) + len(value) + 4
             if name == b"cache-control":
                 control.append(value)
+            elif name == b"cdn-cache-control":
+                cdn.append(value)
             elif name == b"date":
                 date_value = value
             elif name == b"etag":
                 etag = value
             elif name == b"expires":
-                expires = value
+                # More than one line is invalid, which means already expired (§5.3).
+                expires = value if expires is None else b"invalid"
             elif name == b"last-modified":
                 last_modified = value
             elif name == b"vary":
                 vary.append(value)
-        rules = self._rules(status, control, vary, set_cookie, request, expires is not None)
+        rules = self._rules(status, control, cdn, vary, set_cookie, request, expires is not None)
         if rules.reason:
             return rules.reason
+        if rules.targeted:
+            expires = None
         date = cc.http_date(date_value)
         lifetime = rules.lifetime
         if lifetime is None:
@@ -634,6 +664,7 @@ class RoutePolicy:
         self,
         status: int,
         control: list[bytes],
+        cdn: list[bytes],
         vary: list[bytes],
         set_cookie: bool,
         request: RequestInfo,
@@ -645,6 +676,7 @@ class RoutePolicy:
         key = (
             status,
             tuple(control),
+            tuple(cdn),
             tuple(vary),
             set_cookie,
             request.authorization,
@@ -656,7 +688,7 @@ class RoutePolicy:
             if len(self._memo) >= RULES_MEMO:
                 self._memo.clear()
             rules = self._memo[key] = self._decide(
-                status, control, vary, set_cookie, request, has_expires
+                status, control, cdn, vary, set_cookie, request, has_expires
             )
         return rules
 
@@ -664,12 +696,13 @@ class RoutePolicy:
         self,
         status: int,
         control: list[bytes],
+        cdn: list[bytes],
         vary: list[bytes],
         set_cookie: bool,
         request: RequestInfo,
         has_expires: bool,
     ) -> _Rules:
-        response_cc = cc.CacheControl.parse(control)
+        response_cc, from_cdn = _directives(control, cdn)
         verdict = cc.storable(
             method="GET",
             status=status,
@@ -678,7 +711,8 @@ class RoutePolicy:
             has_authorization=request.authorization,
             has_set_cookie=set_cookie,
             vary=b",".join(vary).decode("latin-1") or None,
-            expires=b"" if has_expires else None,  # only its presence matters here
+            # only its presence matters here (and none when CDN-Cache-Control decides)
+            expires=b"" if has_expires and not from_cdn else None,
             heuristic=self.heuristic or self.mode == "ttl",
             allow_set_cookie=self.store_set_cookie,
         )
@@ -694,6 +728,7 @@ class RoutePolicy:
         return _Rules(
             reason="" if verdict.store else verdict.reason,
             control=response_cc,
+            targeted=from_cdn,
             lifetime=lifetime,
             swr=float(swr) if swr is not None else self.swr,
             sie=float(sie) if sie is not None else self.sie,
@@ -749,7 +784,7 @@ def not_modified_headers(entry: Entry) -> list[tuple[bytes, bytes]]:
 
 
 def is_unsafe(method: str) -> bool:
-    return method in _UNSAFE
+    return method not in _SAFE
 
 
 # --------------------------------------------------------------------------- memory layer

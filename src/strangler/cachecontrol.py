@@ -20,7 +20,9 @@ Shared-cache specifics this module applies:
 
 from __future__ import annotations
 
-import email.utils
+import calendar
+import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ __all__ = [
     "may_serve_stale",
     "needs_revalidation",
     "storable",
+    "targeted",
 ]
 
 #: delta-seconds larger than this are treated as this (RFC 9111 §1.2.2).
@@ -87,6 +90,36 @@ class CacheControl:
         return min(int(value), MAX_DELTA)
 
 
+_SF_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
+_SF_BARE = re.compile(
+    r'-?\d{1,15}(?:\.\d{1,3})?|"(?:[^"\\]|\\["\\])*"|[A-Za-z*][!#$%&\'*+\-.^_`|~0-9A-Za-z:/]*'
+    r"|\?[01]|:[A-Za-z0-9+/=]*:"
+)
+#: Directives whose value must be an Integer in a targeted field (RFC 9213 §2.1).
+_SF_INTEGERS = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+
+
+def targeted(values: Iterable[bytes | str]) -> CacheControl | None:
+    """``CDN-Cache-Control`` (RFC 9213): a Structured Fields Dictionary with
+    Cache-Control's directives, for caches like this one. None when the field
+    does not parse or a directive has the wrong type: then the cache ignores it
+    and ``Cache-Control`` decides, as the RFC requires."""
+    text = ", ".join(v.decode("latin-1") if isinstance(v, bytes) else v for v in values)
+    out: dict[str, str | None] = {}
+    for member in text.split(","):
+        member = member.strip(" \t")
+        key, eq, value = member.partition("=")
+        if not _SF_KEY.fullmatch(key):
+            return None
+        value = value.split(";", 1)[0]  # parameters carry nothing the cache uses
+        if eq and not _SF_BARE.fullmatch(value):
+            return None
+        if key in _SF_INTEGERS and not (eq and value.lstrip("-").isdigit()):
+            return None
+        out.setdefault(key, value if eq and value != "?1" else None)
+    return CacheControl(out)
+
+
 def _split_directives(text: str) -> list[str]:
     if '"' not in text:  # the common case: nothing quoted
         return [p.strip() for p in text.split(",") if p.strip()]
@@ -124,15 +157,48 @@ def http_date(value: bytes | str | None) -> float | None:
     return result
 
 
+_MONTHS = {
+    m: i + 1
+    for i, m in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+    )
+}
+_DAY = r"(?:mon|tue|wed|thu|fri|sat|sun)"
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+#: The three HTTP-date forms a recipient must accept (RFC 9110 §5.6.7); names in any case.
+_IMF_FIXDATE = re.compile(rf"{_DAY}, (\d\d) ([a-z]{{3}}) (\d{{4}}) {_TIME} gmt", re.I)
+_RFC850 = re.compile(
+    rf"(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday), "
+    rf"(\d\d)-([a-z]{{3}})-(\d\d) {_TIME} gmt",
+    re.I,
+)
+_ASCTIME = re.compile(rf"{_DAY} ([a-z]{{3}}) ([ \d]\d) {_TIME} (\d{{4}})", re.I)
+
+
 def _parse_http_date(value: bytes | str) -> float | None:
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    try:
-        parsed = email.utils.parsedate_to_datetime(text.strip())
-    except (TypeError, ValueError, IndexError):
+    """Strictly: anything but the three forms is invalid (an invalid ``Expires``
+    means the response is already stale, so leniency here would keep
+    responses fresh that the origin meant to expire)."""
+    text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip()
+    if m := _IMF_FIXDATE.fullmatch(text):
+        day, mon, year, hh, mm, ss = m.groups()
+    elif m := _RFC850.fullmatch(text):
+        day, mon, yy, hh, mm, ss = m.groups()
+        # A two-digit year more than 50 years ahead is the last such year in the past.
+        this_year = time.gmtime().tm_year
+        year_n = this_year - this_year % 100 + int(yy)
+        if year_n > this_year + 50:
+            year_n -= 100
+        year = str(year_n)
+    elif m := _ASCTIME.fullmatch(text):
+        mon, day, hh, mm, ss, year = m.groups()
+    else:
         return None
-    if parsed is None:
+    month = _MONTHS.get(mon.lower())
+    d, h, mi, sec = int(day), int(hh), int(mm), int(ss)
+    if month is None or not (1 <= d <= 31 and h <= 23 and mi <= 59 and sec <= 60):
         return None
-    return parsed.timestamp()
+    return float(calendar.timegm((int(year), month, d, h, mi, sec, 0, 0, 0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +293,12 @@ def current_age(
     """The stored response's age now (RFC 9111 §4.2.3)."""
     age_value = 0.0
     if age_header is not None:
+        # The first member of a list counts (the caller passes the first line); a
+        # value that is not delta-seconds (after any ``;parameters``) counts as 0.
         text = age_header.decode("latin-1") if isinstance(age_header, bytes) else age_header
-        if text.strip().isdigit():
-            age_value = float(min(int(text.strip()), MAX_DELTA))
+        first = text.split(",", 1)[0].split(";", 1)[0].strip()
+        if first.isdigit():
+            age_value = float(min(int(first), MAX_DELTA))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     response_delay = response_time - request_time
     corrected_age_value = age_value + response_delay

@@ -92,7 +92,8 @@ class _HeadComplete(Exception):
 
 
 class _Unexpected(Exception):
-    """A message the pool did not ask for: a second response, or 101."""
+    """A message the pool did not ask for (a second response, 101), or a status
+    that is not HTTP."""
 
 
 #: While a request waits, its connection's timer fires at least this often and
@@ -283,6 +284,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status > 599:  # not HTTP (RFC 9110 §15 has three digits from 100 to 599)
+            raise _Unexpected(f"status {status} is out of range")
         if status < 200:
             if status == 101:
                 raise _Unexpected("101 Switching Protocols without an upgrade request")

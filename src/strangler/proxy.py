@@ -955,7 +955,20 @@ class ProxyApp:
             status = resp.status
             prefix: list[bytes] = []
             if req.method == "GET" and _fits(out_headers, policy.max_object_bytes):
-                prefix, complete = await _read_body(resp, policy.max_object_bytes)
+                try:
+                    prefix, complete = await _read_body(resp, policy.max_object_bytes)
+                except UpstreamError as exc:  # the body broke off; nothing was sent yet
+                    resp.release()
+                    served_by = exc.backend
+                    metrics.UPSTREAM_ERRORS.labels(exc.backend, exc.kind).inc()
+                    if stale is not None and fresh is not None and fresh.stale_on_error:
+                        status = await self._serve_stale_on_error(snap, req, info, stale, send)
+                        return
+                    status = exc.status
+                    await self._error(
+                        send, exc, req.request_id, route if snap.debug_headers else None
+                    )
+                    return
                 if complete:
                     built = policy.build_entry(
                         status=resp.status,
