@@ -4,12 +4,14 @@ A copy costs about as much CPU as the request it copies (a second upstream
 call, a capture and a comparison). Done in the gateway's own event loop, that
 CPU is taken from the next client requests. So each gateway process starts
 one child (``python -m strangler.shadowproc``) and hands it the copies: the
-gateway only pickles a tuple and appends it to a pipe, batched per loop turn.
+gateway only pickles a tuple and appends it to a pipe, in batches of up to
+`BATCH_DELAY` (fewer wake-ups of the worker, which shares the CPUs with the
+gateway, means less scheduling delay for the gateway's own requests).
 
 The pipe carries length-prefixed pickles, both ways:
 
 * gateway → worker: ``("config", RouteFile)`` at start and on every reload,
-  then ``("jobs", [Job.as_tuple(), ...])``, the copies of one loop turn;
+  then ``("jobs", [Job.as_tuple(), ...])``, the copies of one batch;
 * worker → gateway, every `REPORT_INTERVAL`: ``("stats", delta, samples,
   counts, pending)``: the comparison counts (`ShadowStats.take_delta`), the
   metric counts, and the worker's queue length. The gateway adds them to its
@@ -49,6 +51,9 @@ _HEADER = struct.Struct("!I")
 #: Bytes waiting in the pipe to the worker beyond which copies are dropped.
 MAX_PIPE_BYTES = 16 * 1024 * 1024
 REPORT_INTERVAL = 0.2
+#: Copies wait this long to go to the worker together, or until there are BATCH_JOBS.
+BATCH_DELAY = 0.005
+BATCH_JOBS = 256
 RESPAWN_DELAY = 1.0
 MAX_FRAME = 64 * 1024 * 1024
 #: The worker's ``nice`` increment.
@@ -85,7 +90,8 @@ class ShadowProcess:
         self._reader: asyncio.Task[None] | None = None
         self._pending: list[bytes] = []
         self._jobs: list[tuple[Any, ...]] = []
-        self._flush_scheduled = False
+        #: False, True (next loop turn) or the timer of a batch.
+        self._flush_scheduled: bool | asyncio.TimerHandle = False
         self._stopping = False
         self._next_start = 0.0
         self._starting = False
@@ -132,7 +138,7 @@ class ShadowProcess:
             shadow.count("requests", job.route, "dropped")
             return
         self._jobs.append(job.as_tuple())
-        self._schedule_flush()
+        self._schedule_flush(now=len(self._jobs) >= BATCH_JOBS)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         if self._jobs:  # keep the order: jobs queued before this message go first
@@ -141,13 +147,22 @@ class ShadowProcess:
         self._pending.append(_frame(message))
         self._schedule_flush()
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _schedule_flush(self, now: bool = True) -> None:
+        if now:
+            if self._flush_scheduled is not True:
+                if self._flush_scheduled:
+                    self._flush_scheduled.cancel()
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        elif not self._flush_scheduled:
+            self._flush_scheduled = asyncio.get_running_loop().call_later(
+                BATCH_DELAY, self._flush
+            )
 
     def _flush(self) -> None:
-        """One pickle and one write per loop turn for all the copies of that turn."""
+        """One pickle and one write for all the copies of a batch."""
+        if isinstance(self._flush_scheduled, asyncio.TimerHandle):
+            self._flush_scheduled.cancel()  # called before its timer (stop, a full batch)
         self._flush_scheduled = False
         if self._jobs:
             self._pending.append(_frame(("jobs", self._jobs)))
