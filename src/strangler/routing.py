@@ -47,6 +47,8 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _PATH_SAFE = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%"
 )
+#: The same bytes, for ``bytes.translate(None, delete)``: what is left was not safe.
+_PATH_SAFE_BYTES = bytes(sorted(_PATH_SAFE))
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -72,7 +74,23 @@ def _remove_dot_segments(segments: list[str]) -> list[str]:
     return out
 
 
+_normalized: dict[bytes, NormalizedPath] = {}
+#: Raw paths whose normalized form is remembered (the paths a gateway sees repeat).
+NORMALIZED_MEMO = 4096
+
+
 def normalize_path(raw: bytes) -> NormalizedPath:
+    """`_normalize`, remembered for the last few thousand distinct paths."""
+    found = _normalized.get(raw)
+    if found is None:
+        found = _normalize(raw)  # raises BadPath: never remembered
+        if len(_normalized) >= NORMALIZED_MEMO:
+            _normalized.clear()
+        _normalized[raw] = found
+    return found
+
+
+def _normalize(raw: bytes) -> NormalizedPath:
     """Normalize a raw request path (no query string).
 
     Decodes percent-escapes of unreserved characters, upper-cases the others,
@@ -87,7 +105,7 @@ def normalize_path(raw: bytes) -> NormalizedPath:
         and b"/." not in raw
         and b"//" not in raw
         and b"\\" not in raw
-        and all(b in _PATH_SAFE for b in raw)
+        and not raw.translate(None, _PATH_SAFE_BYTES)
     ):
         return NormalizedPath(raw.decode("ascii"))
 
