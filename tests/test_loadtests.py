@@ -83,6 +83,24 @@ def test_ratio_line_format() -> None:
     )
 
 
+def test_rounds_report_each_numbers_median() -> None:
+    runs = [
+        bench.WrkResult(requests_per_sec=rps, percentiles_ms={"50": p50}, paced_p50_ms=paced)
+        for rps, p50, paced in ((9000.0, 3.0, 0.9), (12000.0, 1.0, 0.5), (10000.0, 2.0, 0.7))
+    ]
+    median = bench.median_result(runs)
+    assert median.requests_per_sec == 10000.0
+    assert median.p50_ms == 2.0
+    assert median.paced_p50_ms == 0.7
+    assert bench.median_result(runs[:1]) is runs[0]
+
+
+def test_rounds_need_a_versus_scenario() -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "3"])
+    assert bench.parse_args(["--rounds", "3", "--versus", "plain"]).rounds == 3
+
+
 @pytest.mark.parametrize("name", sorted(bench.SCENARIOS))
 def test_scenario_route_files_are_valid(name: str) -> None:
     """Every benchmark scenario must produce a route file the gateway accepts."""
