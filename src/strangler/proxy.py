@@ -828,9 +828,9 @@ class ProxyApp:
         if entry is not None:
             fresh = policy.freshness(entry, info, now)
             if fresh.fresh or fresh.serve_stale:
-                outcome, warning = "HIT", None
+                outcome, result, warning = "HIT", "hit", None
                 if not fresh.fresh:  # stale-while-revalidate: refresh once, in the background
-                    outcome, warning = "STALE", _STALE
+                    outcome, result, warning = "STALE", "stale", _STALE
                     metrics.tally(metrics.CACHE_STALE, route, "while_revalidate")
                     if cache.flight(key) is None:
                         refresh = self._fill(
@@ -838,7 +838,7 @@ class ProxyApp:
                             entry, Freshness(False, fresh.age), _discard,
                         )  # fmt: skip
                         tasks.spawn(refresh, name="cache-refresh")
-                metrics.tally(metrics.CACHE_REQUESTS, route, outcome.lower())
+                metrics.tally(metrics.CACHE_REQUESTS, route, result)
                 status = await self._serve_entry(
                     snap, req, info, entry, fresh.age, outcome, send, warning
                 )
@@ -1044,7 +1044,7 @@ class ProxyApp:
             headers = not_modified_headers(entry)
         else:
             headers = list(entry.headers)
-        headers.append((b"age", str(int(age)).encode()))
+        headers.append((b"age", b"%d" % age))
         if warning is not None:
             headers.append(warning)
         self._decorate(snap, req, headers, entry.backend, outcome, None)
