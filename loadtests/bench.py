@@ -194,21 +194,9 @@ end
 @scenario("cache-miss")
 def cache_miss_scenario(ctx: ScenarioContext) -> Scenario:
     """Every request misses (a new URL each time), is fetched, stored and answered: the miss
-    path's cost over `plain`. The in-process layer evicts as it fills."""
-    routes = textwrap.dedent(
-        """\
-        routes:
-          - name: bench
-            match: {path_prefix: /}
-            backends: [{name: fast, weight: 100}]
-            cache: {mode: http}
-        """
-    )
-    return Scenario(
-        routes_yaml=server_block(ctx) + fast_backend_block(ctx) + routes,
-        path="/cached",
-        wrk_script=UNIQUE_URLS_LUA,
-    )
+    path's cost over `plain`. The route file is cache-hit's; the in-process layer evicts as it
+    fills."""
+    return replace(cache_hit_scenario(ctx), wrk_script=UNIQUE_URLS_LUA)
 
 
 @scenario("shadow")

@@ -188,9 +188,7 @@ class Entry(NamedTuple):
             stale_if_error,
             etag,
             last_modified,
-            control.has("no-cache"),
-            control.has("public") or control.has("s-maxage") or control.has("must-revalidate"),
-            cc.may_serve_stale(control),
+            *_flags(control),
             tuple(n for n, _ in vary),
             _vkey(vary),
             response_time + keep,
@@ -293,6 +291,15 @@ def _directives(
         if chosen is not None:
             return chosen, True
     return cc.CacheControl.parse(control), False
+
+
+def _flags(control: cc.CacheControl) -> tuple[bool, bool, bool]:
+    """An entry's ``no_cache``, ``shareable`` and ``may_stale``, from its directives."""
+    return (
+        control.has("no-cache"),
+        control.has("public") or control.has("s-maxage") or control.has("must-revalidate"),
+        cc.may_serve_stale(control),
+    )
 
 
 def _keep_for(
@@ -703,6 +710,7 @@ class RoutePolicy:
         has_expires: bool,
     ) -> _Rules:
         response_cc, from_cdn = _directives(control, cdn)
+        no_cache, shareable, may_stale = _flags(response_cc)
         verdict = cc.storable(
             method="GET",
             status=status,
@@ -733,13 +741,9 @@ class RoutePolicy:
             swr=float(swr) if swr is not None else self.swr,
             sie=float(sie) if sie is not None else self.sie,
             vary_names=self.vary_names(vary),
-            no_cache=response_cc.has("no-cache"),
-            shareable=(
-                response_cc.has("public")
-                or response_cc.has("s-maxage")
-                or response_cc.has("must-revalidate")
-            ),
-            may_stale=cc.may_serve_stale(response_cc),
+            no_cache=no_cache,
+            shareable=shareable,
+            may_stale=may_stale,
         )
 
     def refreshed(

@@ -931,12 +931,7 @@ class ProxyApp:
                 )
             except UpstreamError as exc:
                 served_by = exc.backend
-                if stale is not None and fresh is not None and fresh.stale_on_error:
-                    status = await self._serve_stale_on_error(snap, req, info, stale, send)
-                    return
-                metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
-                status = exc.status
-                await self._error(send, exc, req.request_id, route if snap.debug_headers else None)
+                status = await self._fill_failed(snap, req, info, stale, fresh, exc, send)
                 return
             response_time = time.time()
             if stale is not None and fresh is not None and fresh.stale_on_error:
@@ -954,7 +949,6 @@ class ProxyApp:
                     snap, req, info, stored, stored.age(time.time()), "REVALIDATED", send
                 )
                 return
-            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
             status = resp.status
             prefix: list[bytes] = []
             if req.method == "GET" and _fits(out_headers, policy.max_object_bytes):
@@ -964,13 +958,7 @@ class ProxyApp:
                     resp.release()
                     served_by = exc.backend
                     metrics.UPSTREAM_ERRORS.labels(exc.backend, exc.kind).inc()
-                    if stale is not None and fresh is not None and fresh.stale_on_error:
-                        status = await self._serve_stale_on_error(snap, req, info, stale, send)
-                        return
-                    status = exc.status
-                    await self._error(
-                        send, exc, req.request_id, route if snap.debug_headers else None
-                    )
+                    status = await self._fill_failed(snap, req, info, stale, fresh, exc, send)
                     return
                 if complete:
                     built = policy.build_entry(
@@ -998,6 +986,7 @@ class ProxyApp:
                     metrics.tally(metrics.CACHE_NOT_STORED, route, "too_large")
             elif req.method == "GET":
                 metrics.tally(metrics.CACHE_NOT_STORED, route, "too_large")
+            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
             self._decorate(snap, req, out_headers, served_by, "MISS", fallback_reason)
             status = await self._stream(
                 resp, status, out_headers, req.method, req.receive, send, None, prefix
@@ -1009,6 +998,25 @@ class ProxyApp:
             if not req.background:
                 metrics.IN_FLIGHT.value -= 1
             self._finish(snap, req, served_by, status)
+
+    async def _fill_failed(
+        self,
+        snap: Snapshot,
+        req: _CacheableRequest,
+        info: RequestInfo,
+        stale: Entry | None,
+        fresh: Freshness | None,
+        exc: UpstreamError,
+        send: Send,
+    ) -> int:
+        """A fill failed before anything was sent: the stale entry when
+        stale-if-error allows it, else the error (a miss)."""
+        if stale is not None and fresh is not None and fresh.stale_on_error:
+            return await self._serve_stale_on_error(snap, req, info, stale, send)
+        route = req.route.name
+        metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
+        await self._error(send, exc, req.request_id, route if snap.debug_headers else None)
+        return exc.status
 
     async def _serve_stale_on_error(
         self,

@@ -90,8 +90,8 @@ class ShadowProcess:
         self._reader: asyncio.Task[None] | None = None
         self._pending: list[bytes] = []
         self._jobs: list[tuple[Any, ...]] = []
-        #: False, True (next loop turn) or the timer of a batch.
-        self._flush_scheduled: bool | asyncio.TimerHandle = False
+        #: The timer that sends the batch being gathered.
+        self._batch: asyncio.TimerHandle | None = None
         self._stopping = False
         self._next_start = 0.0
         self._starting = False
@@ -138,32 +138,23 @@ class ShadowProcess:
             shadow.count("requests", job.route, "dropped")
             return
         self._jobs.append(job.as_tuple())
-        self._schedule_flush(now=len(self._jobs) >= BATCH_JOBS)
+        if len(self._jobs) >= BATCH_JOBS:
+            self._flush()
+        elif self._batch is None:
+            self._batch = asyncio.get_running_loop().call_later(BATCH_DELAY, self._flush)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         if self._jobs:  # keep the order: jobs queued before this message go first
             self._pending.append(_frame(("jobs", self._jobs)))
             self._jobs = []
         self._pending.append(_frame(message))
-        self._schedule_flush()
-
-    def _schedule_flush(self, now: bool = True) -> None:
-        if now:
-            if self._flush_scheduled is not True:
-                if self._flush_scheduled:
-                    self._flush_scheduled.cancel()
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
-        elif not self._flush_scheduled:
-            self._flush_scheduled = asyncio.get_running_loop().call_later(
-                BATCH_DELAY, self._flush
-            )
+        self._flush()
 
     def _flush(self) -> None:
-        """One pickle and one write for all the copies of a batch."""
-        if isinstance(self._flush_scheduled, asyncio.TimerHandle):
-            self._flush_scheduled.cancel()  # called before its timer (stop, a full batch)
-        self._flush_scheduled = False
+        """One pickle and one write for all the copies of a batch (and any message)."""
+        if self._batch is not None:
+            self._batch.cancel()  # harmless when it is the timer calling
+            self._batch = None
         if self._jobs:
             self._pending.append(_frame(("jobs", self._jobs)))
             self._jobs = []
