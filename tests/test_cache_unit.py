@@ -6,6 +6,7 @@ the ``cache:`` block of the route file."""
 from __future__ import annotations
 
 import email.utils
+import gc
 import textwrap
 from collections.abc import Sequence
 
@@ -14,6 +15,8 @@ from prometheus_client import REGISTRY
 
 from strangler import config, metrics
 from strangler.cache import (
+    COLLECT_EVERY,
+    ENTRY_OVERHEAD,
     MAX_KEY_CHARS,
     MAX_VARIANTS,
     Entry,
@@ -256,7 +259,7 @@ def test_memory_layer_replaces_a_variant_stored_again() -> None:
     layer.put("k", "r", entry(body=b"old", vary=(("x-tenant", "a"),)))
     newer = entry(body=b"newer", vary=(("x-tenant", "a"),))
     layer.put("k", "r", newer)
-    assert layer.get("k", T) == [newer]
+    assert layer.get("k", T) == [newer._replace(route="r")]  # the layer stamps its route
     assert layer.bytes == newer.size
 
 
@@ -266,10 +269,60 @@ def test_memory_layer_forgets_expired_entries_on_read() -> None:
     long = entry(lifetime=60.0, vary=(("x-tenant", "b"),))
     layer.put("k", "r", short)
     layer.put("k", "r", long)
-    assert layer.get("k", T + 5) == [long]
+    assert layer.get("k", T + 5) == [long._replace(route="r")]
     assert layer.bytes == long.size
     assert layer.get("k", T + 100) is None
     assert len(layer) == 0 and layer.bytes == 0
+
+
+def test_stored_entries_leave_the_garbage_collectors_sight() -> None:
+    # With automatic collection off, only the layer's own young-generation pass
+    # (every COLLECT_EVERY stores) can untrack entries; it does so only if an
+    # entry holds nothing but atomic values (the header block packed into bytes).
+    layer = MemoryLayer(max_bytes=10**9)
+    pol = policy()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(3 * COLLECT_EVERY):
+            built = build(pol, ("Cache-Control", "max-age=60"), ("ETag", f'"{i}"'))
+            assert isinstance(built, Entry)
+            layer.put(f"k{i}", "r", built)
+        tracked = sum(gc.is_tracked(v) for v in layer._data.values())
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert len(layer) == 3 * COLLECT_EVERY
+    assert tracked < COLLECT_EVERY
+
+
+def test_an_entry_packs_its_headers_and_gives_them_back_in_order() -> None:
+    e = entry(("Cache-Control", "max-age=60"), ("X-A", "1"), ("X-A", "2"), ("X-Empty", ""))
+    pairs = [(b"cache-control", b"max-age=60"), (b"x-a", b"1"), (b"x-a", b"2"), (b"x-empty", b"")]
+    assert list(e.headers) == pairs and e.header_list() == pairs
+    assert isinstance(e.head, bytes)
+    assert entry().headers == ()
+    assert Entry.decode(e.encode()) == e
+
+
+def test_a_header_holding_nul_is_never_stored() -> None:
+    with pytest.raises(ValueError):
+        entry(("X-A", "a\x00b"))
+    assert build(policy(), ("Cache-Control", "max-age=60"), ("X-A", "a\x00b")) == "invalid-header"
+
+
+def test_a_stored_response_without_content_length_gets_one() -> None:
+    built = build(policy(), ("Cache-Control", "max-age=60"))
+    assert isinstance(built, Entry)
+    assert dict(built.headers)[b"content-length"] == b"11"
+    declared = build(policy(), ("Cache-Control", "max-age=60"), ("Content-Length", "11"))
+    assert isinstance(declared, Entry)
+    assert [n for n, _ in declared.headers].count(b"content-length") == 1
+
+
+def test_an_entry_counts_its_body_header_block_and_overhead() -> None:
+    e = entry(("Cache-Control", "max-age=60"), body=b"x" * 100)
+    assert e.size == 100 + len(e.head) + ENTRY_OVERHEAD
 
 
 def test_memory_layer_drops_keys_and_matching_keys() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import gc
 import json
 import logging
 import os
@@ -68,10 +69,32 @@ EVENT_SYNC_INTERVAL = 0.5
 EVENT_STREAM_LEN = 10000
 #: Keys longer than this keep a hash of their tail.
 MAX_KEY_CHARS = 1024
+#: Entries stored between two young-generation collections (see MemoryLayer.put).
+COLLECT_EVERY = 2000
 #: Poll period while another replica fills an entry.
 FILL_POLL = 0.05
 
 _SKIP_STORED = frozenset({b"age", b"set-cookie", b"set-cookie2", b"x-strangler-cache"})
+# What build_entry does with a response header, by name (absent: keep it, nothing else).
+_CACHING, _DATE, _ETAG, _EXPIRES, _LAST_MODIFIED, _LENGTH, _NOT_KEPT, _AGE, _COOKIE = range(9)
+_ROLE = {
+    b"content-length": _LENGTH,
+    b"cache-control": _CACHING,
+    b"cdn-cache-control": _CACHING,
+    b"vary": _CACHING,
+    b"date": _DATE,
+    b"etag": _ETAG,
+    b"expires": _EXPIRES,
+    b"last-modified": _LAST_MODIFIED,
+    b"age": _AGE,
+    b"set-cookie": _COOKIE,
+    b"set-cookie2": _COOKIE,
+    b"x-strangler-cache": _NOT_KEPT,
+}
+#: Bytes an entry counts for besides its body and header block: what the process
+#: holds for it (its key of about 100 characters, the tuple, the times, the LRU's
+#: bookkeeping), measured, so that the layer's bound is close to its real memory.
+ENTRY_OVERHEAD = 700
 # Header fields a 304 must not change in the stored response (RFC 9111 §3.2).
 _NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding"})
 _304_FIELDS = frozenset(
@@ -94,17 +117,23 @@ _SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 class Entry(NamedTuple):
-    """One stored response: a tuple of atomic values (and tuples of them).
+    """One stored response: a tuple of atomic values.
 
     The in-process layer keeps entries as plain tuples, and the garbage
-    collector stops tracking a tuple that holds only such values: 100,000
-    cached responses cost a full collection nothing, where objects of a
-    class would each be scanned (a pause of tens of milliseconds). Make
-    entries with `make`, which derives the fields after ``stale_if_error``.
+    collector stops tracking a tuple that holds only atomic values the first
+    time it looks at it: 100,000 cached responses cost a collection nothing,
+    where objects of a class would each be scanned (a pause of tens of
+    milliseconds). That is why the header fields are packed into one bytes
+    value (`head`; `headers` unpacks them): a tuple of pairs would take the
+    collector one look per level of nesting, long enough for every stored
+    response to reach its oldest generation. Make entries with `make`, which
+    derives the fields after ``stale_if_error``.
     """
 
     status: int
-    headers: tuple[tuple[bytes, bytes], ...]
+    #: The header fields, packed: names and values joined by NUL (which HTTP
+    #: forbids in both, and the parser rejects).
+    head: bytes
     body: bytes
     #: Wall-clock times of the request that produced it and of its response.
     request_time: float
@@ -132,6 +161,8 @@ class Entry(NamedTuple):
     vkey: str = ""
     expires_at: float = 0.0
     size: int = 0
+    #: The route that stored it (set by the layer that holds it).
+    route: str = ""
 
     @classmethod
     def make(
@@ -148,16 +179,19 @@ class Entry(NamedTuple):
         backend: str,
         stale_while_revalidate: float = 0.0,
         stale_if_error: float = 0.0,
+        route: str = "",
     ) -> Entry:
-        """An entry with its derived fields worked out from the others."""
+        """An entry with its derived fields worked out from the others.
+        Raises ValueError for a header field holding NUL (see `head`)."""
         headers = tuple(headers)
+        head = _pack(headers)
+        if head is None:
+            raise ValueError("a header field holds NUL")
         vary = tuple(vary)
         values: list[bytes] = []
         cdn: list[bytes] = []
         etag = last_modified = None
-        size = len(body) + 200
         for name, value in headers:
-            size += len(name) + len(value) + 4
             if name == b"cache-control":
                 values.append(value)
             elif name == b"cdn-cache-control":
@@ -176,7 +210,7 @@ class Entry(NamedTuple):
         )
         return cls(
             status,
-            headers,
+            head,
             body,
             request_time,
             response_time,
@@ -192,8 +226,20 @@ class Entry(NamedTuple):
             tuple(n for n, _ in vary),
             _vkey(vary),
             response_time + keep,
-            size,
+            len(body) + len(head) + ENTRY_OVERHEAD,
+            route,
         )
+
+    @property
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The header fields as (name, value) pairs."""
+        parts = iter(self.head.split(b"\0"))
+        return tuple(zip(parts, parts, strict=False))
+
+    def header_list(self) -> list[tuple[bytes, bytes]]:
+        """The header fields as a new list of pairs (to answer with)."""
+        parts = iter(self.head.split(b"\0"))
+        return list(zip(parts, parts, strict=False))
 
     def updated(self, **changes: Any) -> Entry:
         """A copy with some of the fields `make` takes changed (the rest re-derived)."""
@@ -277,7 +323,15 @@ _MADE_FROM = (
     "backend",
     "stale_while_revalidate",
     "stale_if_error",
+    "route",
 )
+
+
+def _pack(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """`Entry.head` for these header fields; None if one holds NUL."""
+    flat = [part for pair in headers for part in pair]
+    head = b"\0".join(flat)
+    return head if head.count(b"\0") == len(flat) - 1 or not flat else None
 
 
 def _directives(
@@ -318,7 +372,22 @@ def _vkey(vary: Sequence[tuple[str, str | None]]) -> str:
 _NO_DIRECTIVES = cc.CacheControl({})
 
 
-@dataclass(slots=True)
+#: Request header fields the cache reads (a request without any is the common case).
+_REQUEST_FIELDS = frozenset(
+    {
+        b"cache-control",
+        b"authorization",
+        b"range",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-range",
+        b"pragma",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
 class RequestInfo:
     """What the cache needs from a request's headers, read once."""
 
@@ -332,28 +401,39 @@ class RequestInfo:
 
     @classmethod
     def read(cls, headers: Sequence[tuple[bytes, bytes]]) -> RequestInfo:
+        for name, _ in headers:
+            if name in _REQUEST_FIELDS:
+                break
+        else:
+            return _PLAIN_REQUEST
         control: list[bytes] = []
-        info = cls(_NO_DIRECTIVES)
+        authorization = ranged = conditional = False
+        if_none_match = if_modified_since = None
         for name, value in headers:
             if name == b"cache-control":
                 control.append(value)
             elif name == b"authorization":
-                info.authorization = True
+                authorization = True
             elif name == b"range":
-                info.range = True
+                ranged = True
             elif name == b"if-none-match":
-                info.if_none_match = value
-                info.conditional = True
+                if_none_match = value
+                conditional = True
             elif name == b"if-modified-since":
-                info.if_modified_since = value
-                info.conditional = True
+                if_modified_since = value
+                conditional = True
             elif name == b"if-match" or name == b"if-range":
-                info.conditional = True
+                conditional = True
             elif name == b"pragma" and not control and value.strip().lower() == b"no-cache":
                 control.append(b"no-cache")
-        if control:
-            info.control = cc.CacheControl.parse(control)
-        return info
+        return cls(
+            cc.CacheControl.parse(control) if control else _NO_DIRECTIVES,
+            authorization,
+            ranged,
+            if_none_match,
+            if_modified_since,
+            conditional,
+        )
 
     def not_modified(self, entry: Entry) -> bool:
         """Does the client's conditional request match the entry (RFC 9110 §13.1)?"""
@@ -372,6 +452,10 @@ class RequestInfo:
             modified = cc.http_date(entry.last_modified)
             return since is not None and modified is not None and modified <= since
         return False
+
+
+#: A request without any of the fields the cache reads.
+_PLAIN_REQUEST = RequestInfo(_NO_DIRECTIVES)
 
 
 def _weak(tag: bytes) -> bytes:
@@ -398,6 +482,9 @@ class _Rules:
     lifetime: float | None
     swr: float
     sie: float
+    #: Seconds an entry is kept past its freshness: without validators, and with them.
+    stale_window: float
+    keep_validated: float
     vary_names: tuple[str, ...]
     no_cache: bool
     shareable: bool
@@ -433,7 +520,12 @@ class RoutePolicy:
         "lock_timeout",
         "_ignore",
         "_ignore_re",
+        "_keep_query",
+        "_heads",
+        "_heads_prefix",
         "_memo",
+        "hits",
+        "misses",
     )
 
     def __init__(self, route: str, settings: Cache) -> None:
@@ -451,7 +543,14 @@ class RoutePolicy:
         self._ignore = frozenset(p for p in settings.ignore_query if "*" not in p)
         globs = [fnmatch.translate(p) for p in settings.ignore_query if "*" in p]
         self._ignore_re = re.compile("|".join(globs)) if globs else None
+        self._keep_query = not self._ignore and self._ignore_re is None
+        #: Key heads (all but path, query and host) by backend, for one prefix.
+        self._heads: dict[str, str] = {}
+        self._heads_prefix = ""
         self._memo: dict[tuple[Any, ...], _Rules] = {}
+        #: The route's hits and misses (strangler_cache_requests_total), counted inline.
+        self.hits = metrics.counter(metrics.CACHE_REQUESTS, route, "hit")
+        self.misses = metrics.counter(metrics.CACHE_REQUESTS, route, "miss")
 
     # -- keys
 
@@ -466,11 +565,17 @@ class RoutePolicy:
 
             digest = hashlib.blake2b(tail.encode("utf-8", "surrogateescape"), digest_size=16)
             tail = f"{tail[: MAX_KEY_CHARS - 40]}#{digest.hexdigest()}"
-        return f"{prefix}cache:{self.route}:{self.scope(backend)}:{tail}"
+        if prefix != self._heads_prefix:
+            self._heads.clear()
+            self._heads_prefix = prefix
+        head = self._heads.get(backend)
+        if head is None:
+            head = self._heads[backend] = f"{prefix}cache:{self.route}:{self.scope(backend)}:"
+        return head + tail
 
     def _query(self, query: bytes) -> str:
         text = query.decode("latin-1")
-        if not self._ignore and self._ignore_re is None:
+        if self._keep_query:
             return text
         kept = []
         for part in text.split("&"):
@@ -574,105 +679,113 @@ class RoutePolicy:
         response_time: float,
         backend: str,
     ) -> Entry | str:
-        """The entry to store, or why the response may not be stored."""
+        """The entry to store, or why the response may not be stored. The
+        stored header fields get a Content-Length if they have none.
+
+        Every response stored goes through here, so it takes one pass over the
+        headers with one dictionary lookup per header, and leaves the parsing
+        of the caching headers to `_rules`, which remembers what it decided.
+        """
         if status == 206:
             return "status"
-        # One pass over the headers for everything the rules read.
-        control: list[bytes] = []
-        cdn: list[bytes] = []
-        vary: list[bytes] = []
-        stored: list[tuple[bytes, bytes]] = []
+        role_of = _ROLE.get
+        stored: list[bytes] = []  # names and values, to pack into Entry.head
+        caching: list[tuple[bytes, bytes]] = []  # Cache-Control, CDN-Cache-Control, Vary
         expires = date_value = last_modified = etag = age = None
-        set_cookie = False
-        size = len(body) + 200
+        set_cookie = has_length = False
         for pair in headers:
             name, value = pair
-            if name in _SKIP_STORED:
-                if name == b"age":
+            role = role_of(name)
+            if role is None:
+                stored += pair
+                continue
+            if role >= _NOT_KEPT:
+                if role == _AGE:
                     if age is None:  # the first line counts
                         age = value
-                elif name != b"x-strangler-cache":
+                elif role == _COOKIE:
                     set_cookie = True
                 continue
-            # The caller's own pair: every object kept alive costs the garbage collector.
-            stored.append(pair)
-            size += len(name) + len(value) + 4
-            if name == b"cache-control":
-                control.append(value)
-            elif name == b"cdn-cache-control":
-                cdn.append(value)
-            elif name == b"date":
+            stored += pair
+            if role == _CACHING:
+                caching.append(pair)
+            elif role == _DATE:
                 date_value = value
-            elif name == b"etag":
+            elif role == _ETAG:
                 etag = value
-            elif name == b"expires":
+            elif role == _EXPIRES:
                 # More than one line is invalid, which means already expired (§5.3).
                 expires = value if expires is None else b"invalid"
-            elif name == b"last-modified":
+            elif role == _LAST_MODIFIED:
                 last_modified = value
-            elif name == b"vary":
-                vary.append(value)
-        rules = self._rules(status, control, cdn, vary, set_cookie, request, expires is not None)
+            else:
+                has_length = True
+        if not has_length and status not in (204, 304):  # it says how long its whole body is
+            stored += (b"content-length", b"%d" % len(body))
+        rules = self._rules(status, caching, set_cookie, request, expires is not None)
         if rules.reason:
             return rules.reason
-        if rules.targeted:
-            expires = None
-        date = cc.http_date(date_value)
+        head = b"\0".join(stored)
+        if head.count(b"\0") != len(stored) - 1 and stored:
+            return "invalid-header"  # NUL in a field: the parser never lets one through
+        date = cc.http_date(date_value) if date_value is not None else None
         lifetime = rules.lifetime
         if lifetime is None:
             lifetime = cc.freshness_lifetime(
                 rules.control,
                 date=date,
-                expires=expires,
+                expires=None if rules.targeted else expires,
                 last_modified=cc.http_date(last_modified) if last_modified is not None else None,
                 response_time=response_time,
                 heuristic=self.heuristic,
             )
-        initial_age = cc.current_age(
-            age_header=age,
-            date=date,
-            request_time=request_time,
-            response_time=response_time,
-            now=response_time,
-        )
+        # The corrected initial age (RFC 9111 §4.2.3), as cc.current_age at response_time.
+        apparent_age = response_time - date if date is not None and date < response_time else 0.0
+        initial_age = response_time - request_time
+        if age is not None:
+            initial_age += cc.age_seconds(age)
+        if apparent_age > initial_age:
+            initial_age = apparent_age
         validators = etag is not None or last_modified is not None
-        swr, sie = rules.swr, rules.sie
-        if lifetime <= initial_age and not validators and sie <= 0 and swr <= 0:
+        if lifetime <= initial_age and not validators and rules.stale_window <= 0:
             return "no-freshness"
+        keep = lifetime - initial_age + (rules.keep_validated if validators else rules.stale_window)
         varied = (
             tuple((n, self.request_value(request_headers, n)) for n in rules.vary_names)
             if rules.vary_names
             else ()
         )
-        return Entry(
-            status,
-            tuple(stored),
-            body,
-            request_time,
-            response_time,
-            initial_age,
-            lifetime,
-            varied,
-            backend,
-            swr,
-            sie,
-            etag,
-            last_modified,
-            rules.no_cache,
-            rules.shareable,
-            rules.may_stale,
-            rules.vary_names,
-            _vkey(varied) if varied else "",
-            response_time + _keep_for(lifetime, initial_age, swr, sie, validators),
-            size,
+        return _new_entry(
+            Entry,
+            (
+                status,
+                head,
+                body,
+                request_time,
+                response_time,
+                initial_age,
+                lifetime,
+                varied,
+                backend,
+                rules.swr,
+                rules.sie,
+                etag,
+                last_modified,
+                rules.no_cache,
+                rules.shareable,
+                rules.may_stale,
+                rules.vary_names,
+                _vkey(varied) if varied else "",
+                response_time + (keep if keep > 1.0 else 1.0),
+                len(body) + len(head) + ENTRY_OVERHEAD,
+                self.route,
+            ),
         )
 
     def _rules(
         self,
         status: int,
-        control: list[bytes],
-        cdn: list[bytes],
-        vary: list[bytes],
+        caching: list[tuple[bytes, bytes]],
         set_cookie: bool,
         request: RequestInfo,
         has_expires: bool,
@@ -680,22 +793,27 @@ class RoutePolicy:
         """What the caching headers decide, remembered: a backend sends the same
         few combinations of them, and parsing them each time costs more than the
         rest of storing a response."""
+        rc = request.control
         key = (
             status,
-            tuple(control),
-            tuple(cdn),
-            tuple(vary),
             set_cookie,
             request.authorization,
-            request.control.has("no-store"),
+            rc is not _NO_DIRECTIVES and rc.has("no-store"),
             has_expires,
+            *caching,
         )
         rules = self._memo.get(key)
         if rules is None:
             if len(self._memo) >= RULES_MEMO:
                 self._memo.clear()
             rules = self._memo[key] = self._decide(
-                status, control, cdn, vary, set_cookie, request, has_expires
+                status,
+                [v for n, v in caching if n == b"cache-control"],
+                [v for n, v in caching if n == b"cdn-cache-control"],
+                [v for n, v in caching if n == b"vary"],
+                set_cookie,
+                request,
+                has_expires,
             )
         return rules
 
@@ -731,15 +849,19 @@ class RoutePolicy:
             lifetime = float(explicit)
         elif (explicit := response_cc.seconds("max-age")) is not None:
             lifetime = float(explicit)
-        swr = response_cc.seconds("stale-while-revalidate")
-        sie = response_cc.seconds("stale-if-error")
+        swr_directive = response_cc.seconds("stale-while-revalidate")
+        sie_directive = response_cc.seconds("stale-if-error")
+        swr = float(swr_directive) if swr_directive is not None else self.swr
+        sie = float(sie_directive) if sie_directive is not None else self.sie
         return _Rules(
             reason="" if verdict.store else verdict.reason,
             control=response_cc,
             targeted=from_cdn,
             lifetime=lifetime,
-            swr=float(swr) if swr is not None else self.swr,
-            sie=float(sie) if sie is not None else self.sie,
+            swr=swr,
+            sie=sie,
+            stale_window=max(swr, sie),
+            keep_validated=max(swr, sie, REVALIDATE_KEEP),
             vary_names=self.vary_names(vary),
             no_cache=no_cache,
             shareable=shareable,
@@ -797,15 +919,19 @@ def is_unsafe(method: str) -> bool:
 class MemoryLayer:
     """Per-process LRU of variants by key, bounded in bytes.
 
-    A key holds ``(route, entry, ...)`` with its entries as plain tuples, so
-    the garbage collector stops tracking all of it after one look (see
-    `Entry`); `get` hands out `Entry` views of them.
+    A key holds its entry as a plain tuple of atomic values, which the
+    garbage collector stops tracking the first time it looks (see `Entry`);
+    a key with several variants holds a list of them. `get` hands out
+    `Entry` views.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._data: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        #: key -> its one variant (a plain tuple: see `Entry`), or a list of them.
+        self._data: OrderedDict[str, tuple[Any, ...] | list[tuple[Any, ...]]] = OrderedDict()
+        self._evictions: dict[str, metrics.Tally] = {}
+        self._stored = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -814,55 +940,86 @@ class MemoryLayer:
         item = self._data.get(key)
         if item is None:
             return None
-        if len(item) == 2:  # one variant: the common case
-            if now <= item[1][_EXPIRES_AT]:
+        if type(item) is tuple:  # one variant: the common case
+            if now <= item[_EXPIRES_AT]:
                 self._data.move_to_end(key)
-                return [_as_entry(item[1])]
-        elif all(now <= t[_EXPIRES_AT] for t in item[1:]):
-            self._data.move_to_end(key)
-            return [_as_entry(t) for t in item[1:]]
-        live = tuple(t for t in item[1:] if now <= t[_EXPIRES_AT])
-        self.bytes -= sum(t[_SIZE] for t in item[1:]) - sum(t[_SIZE] for t in live)
-        self._gauge()
-        if not live:
-            del self._data[key]
+                return [_new_entry(Entry, item)]
+            self._remove(key, [item])
             return None
-        self._data[key] = (item[0], *live)
+        live = [t for t in item if now <= t[_EXPIRES_AT]]
+        if len(live) < len(item):
+            self.bytes -= sum(t[_SIZE] for t in item) - sum(t[_SIZE] for t in live)
+            self._gauge()
+            if not live:
+                del self._data[key]
+                return None
+            self._data[key] = live[0] if len(live) == 1 else live
         self._data.move_to_end(key)
-        return [_as_entry(t) for t in live]
+        return [_new_entry(Entry, t) for t in live]
 
     def put(self, key: str, route: str, entry: Entry) -> bool:
         size = entry.size
         if size > self.max_bytes:
             return False
-        old = self._data.pop(key, None)
-        kept: list[tuple[Any, ...]] = []
-        if old is not None:
+        if entry.route != route:
+            entry = entry._replace(route=route)
+        data = self._data
+        old = data.pop(key, None)
+        if old is None:  # the common case: a new key
+            data[key] = tuple(entry)  # a plain tuple: see Entry
+        else:
+            kept: list[tuple[Any, ...]] = []
             vk = entry.vkey
-            for t in old[1:]:
+            for t in [old] if type(old) is tuple else old:
                 if t[_VKEY] == vk:
                     self.bytes -= t[_SIZE]
                 else:
                     kept.append(t)
-        kept.append(tuple(entry))  # a plain tuple: see Entry
-        while len(kept) > MAX_VARIANTS:
-            self.bytes -= kept.pop(0)[_SIZE]
-        self._data[key] = (route, *kept)
+            kept.append(tuple(entry))
+            while len(kept) > MAX_VARIANTS:
+                self.bytes -= kept.pop(0)[_SIZE]
+            data[key] = kept[0] if len(kept) == 1 else kept
         self.bytes += size
-        while self.bytes > self.max_bytes and self._data:
-            _, gone = self._data.popitem(last=False)
-            self.bytes -= sum(t[_SIZE] for t in gone[1:])
-            metrics.tally(metrics.CACHE_EVICTIONS, gone[0], n=len(gone) - 1)
-        self._gauge()
+        if self.bytes > self.max_bytes:
+            self._evict()
+        metrics.CACHE_MEMORY.value = self.bytes
+        self._stored += 1
+        if self._stored >= COLLECT_EVERY:
+            # The collector starts a young-generation pass after 700 more objects
+            # are made than freed. An evicted entry freed makes up for a new one
+            # made, so once the layer is full no pass comes, new entries are never
+            # looked at (and untracked), and when a pass does come it scans all of
+            # them at once: 50-90 ms. A pass every COLLECT_EVERY stores keeps it short.
+            self._stored = 0
+            gc.collect(0)
         return True
+
+    def _evict(self) -> None:
+        """Drop the least recently used keys until the layer fits its bound."""
+        data = self._data
+        while self.bytes > self.max_bytes and data:
+            _, gone = data.popitem(last=False)
+            variants = [gone] if type(gone) is tuple else gone
+            self.bytes -= sum(t[_SIZE] for t in variants)
+            route = variants[0][_ROUTE]
+            counted = self._evictions.get(route)
+            if counted is None:
+                counted = self._evictions[route] = metrics.counter(metrics.CACHE_EVICTIONS, route)
+            counted.n += len(variants)
+
+    def _remove(self, key: str, variants: Sequence[tuple[Any, ...]]) -> None:
+        del self._data[key]
+        self.bytes -= sum(t[_SIZE] for t in variants)
+        self._gauge()
 
     def drop(self, keys: Iterable[str]) -> int:
         n = 0
         for key in keys:
             item = self._data.pop(key, None)
             if item is not None:
-                self.bytes -= sum(t[_SIZE] for t in item[1:])
-                n += len(item) - 1
+                variants = [item] if type(item) is tuple else item
+                self.bytes -= sum(t[_SIZE] for t in variants)
+                n += len(variants)
         self._gauge()
         return n
 
@@ -876,7 +1033,8 @@ class MemoryLayer:
 _EXPIRES_AT = Entry._fields.index("expires_at")
 _SIZE = Entry._fields.index("size")
 _VKEY = Entry._fields.index("vkey")
-_as_entry: Callable[[tuple[Any, ...]], Entry] = Entry._make
+_ROUTE = Entry._fields.index("route")
+_new_entry = tuple.__new__
 
 
 # --------------------------------------------------------------------------- the cache
@@ -961,6 +1119,7 @@ class ResponseCache:
         self.shared = shared
         self.prefix = prefix
         self._flights: dict[str, Flight] = {}
+        self._stored: dict[str, metrics.Tally] = {}
         self._pending_writes = 0
         self._origin = f"{os.getpid()}-{id(self):x}"
         # Follow events from a little before now (stream ids are Redis's clock in ms;
@@ -1067,7 +1226,12 @@ class ResponseCache:
     def store(self, key: str, route: str, entry: Entry) -> None:
         """Keep the entry in this process now; write it to Redis in the background."""
         if self.memory.put(key, route, entry):
-            metrics.tally(metrics.CACHE_STORES, route, "memory")
+            counted = self._stored.get(route)
+            if counted is None:
+                counted = self._stored[route] = metrics.counter(
+                    metrics.CACHE_STORES, route, "memory"
+                )
+            counted.n += 1
         shared = self.shared
         if shared is None:
             return

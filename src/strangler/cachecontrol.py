@@ -29,6 +29,7 @@ from dataclasses import dataclass
 __all__ = [
     "CacheControl",
     "Verdict",
+    "age_seconds",
     "current_age",
     "freshness_lifetime",
     "http_date",
@@ -291,19 +292,21 @@ def current_age(
     now: float,
 ) -> float:
     """The stored response's age now (RFC 9111 §4.2.3)."""
-    age_value = 0.0
-    if age_header is not None:
-        # The first member of a list counts (the caller passes the first line); a
-        # value that is not delta-seconds (after any ``;parameters``) counts as 0.
-        text = age_header.decode("latin-1") if isinstance(age_header, bytes) else age_header
-        first = text.split(",", 1)[0].split(";", 1)[0].strip()
-        if first.isdigit():
-            age_value = float(min(int(first), MAX_DELTA))
+    age_value = age_seconds(age_header) if age_header is not None else 0.0
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     response_delay = response_time - request_time
     corrected_age_value = age_value + response_delay
     corrected_initial_age = max(apparent_age, corrected_age_value)
     return corrected_initial_age + (now - response_time)
+
+
+def age_seconds(age_header: bytes | str) -> float:
+    """An ``Age`` value in seconds. The first member of a list counts (callers
+    pass the first line); a value that is not delta-seconds (after any
+    ``;parameters``) counts as 0."""
+    text = age_header.decode("latin-1") if isinstance(age_header, bytes) else age_header
+    first = text.split(",", 1)[0].split(";", 1)[0].strip()
+    return float(min(int(first), MAX_DELTA)) if first.isdigit() else 0.0
 
 
 def needs_revalidation(response_cc: CacheControl, *, fresh: bool) -> bool:

@@ -34,9 +34,10 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from strangler import metrics, tasks
 from strangler.cache import (
@@ -266,55 +267,29 @@ async def _watch_disconnect(receive: Receive) -> None:
             return
 
 
-class _CacheableRequest:
-    """What the cache path needs of one GET/HEAD request on a caching route."""
+class _CacheableRequest(NamedTuple):
+    """What the cache path needs of one GET/HEAD request on a caching route
+    (a tuple: made on every such request, it must be cheap to make)."""
 
-    __slots__ = (
-        "scope", "method", "path", "raw_host", "host", "query", "target", "headers", "peer",
-        "route", "backend", "request_id", "started", "receive", "background",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        scope: Scope,
-        method: str,
-        path: str,
-        raw_host: bytes,
-        host: str,
-        query: bytes,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        peer: str | None,
-        route: CompiledRoute,
-        backend: str,
-        request_id: str,
-        started: float,
-        receive: Receive,
-        background: bool = False,
-    ) -> None:
-        self.scope = scope
-        self.method = method
-        self.path = path
-        self.raw_host = raw_host
-        self.host = host
-        self.query = query
-        self.target = target
-        self.headers = headers
-        self.peer = peer
-        self.route = route
-        self.backend = backend
-        self.request_id = request_id
-        self.started = started
-        self.receive = receive
-        #: A stale-while-revalidate refresh: no client, no request metrics.
-        self.background = background
+    scope: Scope
+    method: str
+    path: str
+    raw_host: bytes
+    host: str
+    query: bytes
+    target: str
+    headers: list[tuple[bytes, bytes]]
+    peer: str | None
+    route: CompiledRoute
+    backend: str
+    request_id: str
+    started: float
+    receive: Receive
+    #: A stale-while-revalidate refresh: no client, no request metrics.
+    background: bool = False
 
     def for_refresh(self) -> _CacheableRequest:
-        return _CacheableRequest(
-            self.scope, self.method, self.path, self.raw_host, self.host, self.query, self.target,
-            self.headers, self.peer, self.route, self.backend, self.request_id, self.started,
-            _never_disconnects, background=True,
-        )  # fmt: skip
+        return self._replace(receive=_never_disconnects, background=True)
 
     def upstream_headers(self, snap: Snapshot, info: RequestInfo) -> list[tuple[bytes, bytes]]:
         """The headers to send the backend, without the client's conditionals
@@ -342,21 +317,26 @@ async def _discard(message: Message) -> None:
     """``send`` for a background refresh: nobody is waiting for the answer."""
 
 
-def _fits(headers: list[tuple[bytes, bytes]], bound: int) -> bool:
-    """Could the body fit in ``bound`` (unknown lengths are read to find out)?"""
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The Content-Length of a response: 0 without one (read to find out),
+    unbounded when it is not a number."""
     for name, value in headers:
         if name == b"content-length":
             try:
-                return int(value) <= bound
+                return int(value)
             except ValueError:
-                return False
-    return True
+                return sys.maxsize
+    return 0
 
 
-async def _read_body(resp: UpstreamResponse, bound: int) -> tuple[list[bytes], bool]:
-    """Read the response body up to ``bound`` bytes: (chunks, complete)."""
-    parts: list[bytes] = []
-    size = 0
+async def _read_body(
+    resp: UpstreamResponse, bound: int, parts: list[bytes]
+) -> tuple[list[bytes], bool]:
+    """Read the rest of the response body (``parts`` has what was read so far)
+    up to ``bound`` bytes in all: (chunks, complete)."""
+    size = sum(map(len, parts))
+    if size > bound:
+        return parts, False
     while not resp.at_eof():
         chunk = await resp.read_chunk()
         if not chunk:
@@ -366,16 +346,6 @@ async def _read_body(resp: UpstreamResponse, bound: int) -> tuple[list[bytes], b
         if size > bound:
             return parts, False
     return parts, True
-
-
-def _with_length(
-    headers: list[tuple[bytes, bytes]], body: list[bytes]
-) -> list[tuple[bytes, bytes]]:
-    """The headers to store: with a Content-Length for the whole body."""
-    for name, _ in headers:
-        if name == b"content-length":
-            return headers
-    return [*headers, (b"content-length", str(sum(map(len, body))).encode())]
 
 
 def _same_origin_target(url: str, host: str) -> tuple[str, bytes] | None:
@@ -821,16 +791,19 @@ class ProxyApp:
         entries = cache.memory.get(key, now)
         if entries is None and cache.shared is not None:
             entries = await cache.lookup_shared(key, now)
-        entry = policy.select(entries, req.headers)
+        entry = policy.select(entries, req.headers) if entries else None
         if entry is not None and info.authorization and not policy.usable_with_authorization(entry):
             entry = None
         fresh: Freshness | None = None
         if entry is not None:
             fresh = policy.freshness(entry, info, now)
             if fresh.fresh or fresh.serve_stale:
-                outcome, result, warning = "HIT", "hit", None
-                if not fresh.fresh:  # stale-while-revalidate: refresh once, in the background
-                    outcome, result, warning = "STALE", "stale", _STALE
+                outcome, warning = "HIT", None
+                if fresh.fresh:
+                    policy.hits.n += 1
+                else:  # stale-while-revalidate: refresh once, in the background
+                    outcome, warning = "STALE", _STALE
+                    metrics.tally(metrics.CACHE_REQUESTS, route, "stale")
                     metrics.tally(metrics.CACHE_STALE, route, "while_revalidate")
                     if cache.flight(key) is None:
                         refresh = self._fill(
@@ -838,18 +811,17 @@ class ProxyApp:
                             entry, Freshness(False, fresh.age), _discard,
                         )  # fmt: skip
                         tasks.spawn(refresh, name="cache-refresh")
-                metrics.tally(metrics.CACHE_REQUESTS, route, result)
                 status = await self._serve_entry(
                     snap, req, info, entry, fresh.age, outcome, send, warning
                 )
                 self._finish(snap, req, entry.backend, status)
                 return True
-        if info.control.has("only-if-cached"):
-            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
+        if info.control.directives and info.control.has("only-if-cached"):
+            policy.misses.n += 1
             await self._reject(send, 504, "not_cached", "not in the cache", req.request_id)
             return True
         if req.method == "HEAD" and entry is None:
-            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
+            policy.misses.n += 1
             return False
 
         # Another request of this process is filling the entry: wait for it.
@@ -869,14 +841,14 @@ class ProxyApp:
             and (not info.authorization or policy.usable_with_authorization(got))
         ):
             metrics.tally(metrics.CACHE_COALESCED, route, "served")
-            metrics.tally(metrics.CACHE_REQUESTS, route, "hit")
+            policy.hits.n += 1
             status = await self._serve_entry(
                 snap, req, info, got, got.age(time.time()), "HIT", send
             )
             self._finish(snap, req, got.backend, status)
             return True
         metrics.tally(metrics.CACHE_COALESCED, route, "gave_up")
-        metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
+        policy.misses.n += 1
         return False
 
     async def _fill(
@@ -912,7 +884,7 @@ class ProxyApp:
                     if got is not None and policy.freshness(got, info, time.time()).fresh:
                         stored = got
                         metrics.tally(metrics.CACHE_COALESCED, route, "served")
-                        metrics.tally(metrics.CACHE_REQUESTS, route, "hit")
+                        policy.hits.n += 1
                         served_by = got.backend
                         status = await self._serve_entry(
                             snap, req, info, got, got.age(time.time()), "HIT", send
@@ -951,20 +923,33 @@ class ProxyApp:
                 return
             status = resp.status
             prefix: list[bytes] = []
-            if req.method == "GET" and _fits(out_headers, policy.max_object_bytes):
+            complete = False
+            if req.method == "GET":
+                bound = policy.max_object_bytes
                 try:
-                    prefix, complete = await _read_body(resp, policy.max_object_bytes)
+                    # Usually the whole (small) body has arrived with the head.
+                    body = await resp.read_chunk()
+                    if resp.at_eof() and len(body) <= bound:
+                        complete = True
+                    elif _declared_length(out_headers) > bound:
+                        prefix = [body]
+                    else:
+                        prefix, complete = await _read_body(resp, bound, [body])
+                        if complete:
+                            body = b"".join(prefix)
                 except UpstreamError as exc:  # the body broke off; nothing was sent yet
                     resp.release()
                     served_by = exc.backend
                     metrics.UPSTREAM_ERRORS.labels(exc.backend, exc.kind).inc()
                     status = await self._fill_failed(snap, req, info, stale, fresh, exc, send)
                     return
-                if complete:
+                if not complete:
+                    metrics.tally(metrics.CACHE_NOT_STORED, route, "too_large")
+                else:
                     built = policy.build_entry(
-                        status=resp.status,
-                        headers=_with_length(out_headers, prefix),
-                        body=b"".join(prefix),
+                        status=status,
+                        headers=out_headers,
+                        body=body,
                         request_headers=req.headers,
                         request=info,
                         request_time=request_time,
@@ -973,24 +958,27 @@ class ProxyApp:
                     )
                     if isinstance(built, Entry):
                         stored = built
-                        if served_by != req.backend:  # the fallback answered: its own key
-                            key2 = policy.key(
-                                cache.prefix, served_by, req.host, req.path, req.query
-                            )
-                            cache.store(key2, route, built)
-                        else:
+                        if served_by == req.backend:
                             cache.store(key, route, built)
+                        else:  # the fallback answered: its own key
+                            own = policy.key(cache.prefix, served_by, req.host, req.path, req.query)
+                            cache.store(own, route, built)
                     else:
                         metrics.tally(metrics.CACHE_NOT_STORED, route, built)
-                else:
-                    metrics.tally(metrics.CACHE_NOT_STORED, route, "too_large")
-            elif req.method == "GET":
-                metrics.tally(metrics.CACHE_NOT_STORED, route, "too_large")
-            metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
+                    if status in (204, 304):
+                        body = b""  # no body, whatever the backend sent
+            if not req.background:
+                policy.misses.n += 1
             self._decorate(snap, req, out_headers, served_by, "MISS", fallback_reason)
-            status = await self._stream(
-                resp, status, out_headers, req.method, req.receive, send, None, prefix
-            )
+            if complete:  # the whole body is in hand: answer with it, the connection is free
+                resp.release()
+                start = {"type": "http.response.start", "status": status, "headers": out_headers}
+                await send(start)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+            else:
+                status = await self._stream(
+                    resp, status, out_headers, req.method, req.receive, send, None, prefix
+                )
         finally:
             cache.end_flight(key, flight, stored)
             if locked:
@@ -1014,7 +1002,7 @@ class ProxyApp:
         if stale is not None and fresh is not None and fresh.stale_on_error:
             return await self._serve_stale_on_error(snap, req, info, stale, send)
         route = req.route.name
-        metrics.tally(metrics.CACHE_REQUESTS, route, "miss")
+        metrics.tally(metrics.CACHE_REQUESTS, route, "miss")  # not on the hot path
         await self._error(send, exc, req.request_id, route if snap.debug_headers else None)
         return exc.status
 
@@ -1051,7 +1039,7 @@ class ProxyApp:
             status = 304
             headers = not_modified_headers(entry)
         else:
-            headers = list(entry.headers)
+            headers = entry.header_list()
         headers.append((b"age", b"%d" % age))
         if warning is not None:
             headers.append(warning)
