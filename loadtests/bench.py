@@ -591,6 +591,8 @@ class LoadSpec:
     script: str | None = None
     #: Path of a wrk Lua script pacing each connection (``--pace-ms``).
     pace_script: str | None = None
+    #: Seconds of load before each measured run.
+    warmup: int = WARMUP_SECONDS
 
 
 def run_wrk(spec: LoadSpec, url: str, duration: int) -> WrkResult:
@@ -615,8 +617,9 @@ def run_wrk(spec: LoadSpec, url: str, duration: int) -> WrkResult:
 
 def measure(name: str, spec: LoadSpec, url: str) -> WrkResult:
     """Warm up, then take the measured run."""
-    log(f"{name}: warm-up {WARMUP_SECONDS}s against {url}")
-    run_wrk(spec, url, WARMUP_SECONDS)
+    if spec.warmup:
+        log(f"{name}: warm-up {spec.warmup}s against {url}")
+        run_wrk(spec, url, spec.warmup)
     log(f"{name}: measuring {spec.duration}s (-t{spec.threads} -c{spec.connections})")
     result = run_wrk(spec, url, spec.duration)
     # Under saturation p50 is mostly queueing (about connections / throughput);
@@ -747,8 +750,9 @@ def bench_gateway(
             result = measure("gateway", spec, url)
             report_feature_counts(admin_port)
             return result, None
-        log(f"gateway: warm-up {WARMUP_SECONDS}s against {url}")
-        run_wrk(spec, url, WARMUP_SECONDS)
+        if spec.warmup:
+            log(f"gateway: warm-up {spec.warmup}s against {url}")
+            run_wrk(spec, url, spec.warmup)
         suffix = {"flamegraph": "svg", "speedscope": "speedscope.json", "raw": "txt"}[profile]
         out = LOADTESTS_DIR / f"profile-{scenario_name}.{suffix}"
         profiler = start_profiler(proc.pid, spec.duration, out, profile, workdir)
@@ -871,6 +875,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "same wrk load) and print the throughput / latency ratio."
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=WARMUP_SECONDS,
+        help="seconds of load before each measured run (e.g. 16 with cache-miss fills the "
+        "in-process layer, so the run measures it full and evicting)",
+    )
     parser.add_argument("--connections", type=int, default=32, help="wrk -c")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (1 leaves CPU to proxies)")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="plain")
@@ -915,6 +926,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     if args.rounds > 1 and args.versus is None:
         parser.error("--rounds needs --versus")
     if args.duration < 1 or args.connections < 1 or args.threads < 1:
@@ -936,7 +949,11 @@ def run(args: argparse.Namespace) -> int:
         # Both proxies saturate a core; other busy processes skew the comparison.
         log(f"WARNING 1-minute load average is {load_before:.2f}; results may be noisy")
     spec = LoadSpec(
-        wrk=wrk, threads=args.threads, connections=args.connections, duration=args.duration
+        wrk=wrk,
+        threads=args.threads,
+        connections=args.connections,
+        duration=args.duration,
+        warmup=args.warmup,
     )
     results: dict[str, WrkResult] = {}
     profile_path: Path | None = None

@@ -101,6 +101,13 @@ def test_rounds_need_a_versus_scenario() -> None:
     assert bench.parse_args(["--rounds", "3", "--versus", "plain"]).rounds == 3
 
 
+def test_warmup_defaults_to_the_short_one_and_may_not_be_negative() -> None:
+    assert bench.parse_args([]).warmup == bench.WARMUP_SECONDS
+    assert bench.parse_args(["--warmup", "16"]).warmup == 16
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--warmup", "-1"])
+
+
 @pytest.mark.parametrize("name", sorted(bench.SCENARIOS))
 def test_scenario_route_files_are_valid(name: str) -> None:
     """Every benchmark scenario must produce a route file the gateway accepts."""
