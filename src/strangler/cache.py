@@ -74,7 +74,6 @@ COLLECT_EVERY = 2000
 #: Poll period while another replica fills an entry.
 FILL_POLL = 0.05
 
-_SKIP_STORED = frozenset({b"age", b"set-cookie", b"set-cookie2", b"x-strangler-cache"})
 # What build_entry does with a response header, by name (absent: keep it, nothing else).
 _CACHING, _DATE, _ETAG, _EXPIRES, _LAST_MODIFIED, _LENGTH, _NOT_KEPT, _AGE, _COOKIE = range(9)
 _ROLE = {
@@ -91,6 +90,8 @@ _ROLE = {
     b"set-cookie2": _COOKIE,
     b"x-strangler-cache": _NOT_KEPT,
 }
+#: Response header fields an entry does not keep.
+_SKIP_STORED = frozenset(name for name, role in _ROLE.items() if role >= _NOT_KEPT)
 #: Bytes an entry counts for besides its body and header block: what the process
 #: holds for it (its key of about 100 characters, the tuple, the times, the LRU's
 #: bookkeeping), measured, so that the layer's bound is close to its real memory.
@@ -204,9 +205,11 @@ class Entry(NamedTuple):
         keep = _keep_for(
             lifetime,
             initial_age,
-            stale_while_revalidate,
-            stale_if_error,
-            etag is not None or last_modified is not None,
+            _past_freshness(
+                stale_while_revalidate,
+                stale_if_error,
+                etag is not None or last_modified is not None,
+            ),
         )
         return cls(
             status,
@@ -263,9 +266,11 @@ class Entry(NamedTuple):
         return _keep_for(
             self.lifetime,
             self.initial_age,
-            self.stale_while_revalidate,
-            self.stale_if_error,
-            self.etag is not None or self.last_modified is not None,
+            _past_freshness(
+                self.stale_while_revalidate,
+                self.stale_if_error,
+                self.etag is not None or self.last_modified is not None,
+            ),
         )
 
     def expired(self, now: float) -> bool:
@@ -356,11 +361,15 @@ def _flags(control: cc.CacheControl) -> tuple[bool, bool, bool]:
     )
 
 
-def _keep_for(
-    lifetime: float, initial_age: float, swr: float, sie: float, validators: bool
-) -> float:
-    extra = max(swr, sie, REVALIDATE_KEEP) if validators else max(swr, sie)
-    return max(1.0, lifetime - initial_age + extra)
+def _past_freshness(swr: float, sie: float, validators: bool) -> float:
+    """Seconds an entry is worth keeping once stale: for stale serving, and
+    for revalidation when it has validators."""
+    return max(swr, sie, REVALIDATE_KEEP) if validators else max(swr, sie)
+
+
+def _keep_for(lifetime: float, initial_age: float, past_freshness: float) -> float:
+    """Seconds past the response an entry is kept."""
+    return max(1.0, lifetime - initial_age + past_freshness)
 
 
 def _vkey(vary: Sequence[tuple[str, str | None]]) -> str:
@@ -749,7 +758,9 @@ class RoutePolicy:
         validators = etag is not None or last_modified is not None
         if lifetime <= initial_age and not validators and rules.stale_window <= 0:
             return "no-freshness"
-        keep = lifetime - initial_age + (rules.keep_validated if validators else rules.stale_window)
+        keep = _keep_for(
+            lifetime, initial_age, rules.keep_validated if validators else rules.stale_window
+        )
         varied = (
             tuple((n, self.request_value(request_headers, n)) for n in rules.vary_names)
             if rules.vary_names
@@ -776,7 +787,7 @@ class RoutePolicy:
                 rules.may_stale,
                 rules.vary_names,
                 _vkey(varied) if varied else "",
-                response_time + (keep if keep > 1.0 else 1.0),
+                response_time + keep,
                 len(body) + len(head) + ENTRY_OVERHEAD,
                 self.route,
             ),
@@ -860,8 +871,8 @@ class RoutePolicy:
             lifetime=lifetime,
             swr=swr,
             sie=sie,
-            stale_window=max(swr, sie),
-            keep_validated=max(swr, sie, REVALIDATE_KEEP),
+            stale_window=_past_freshness(swr, sie, False),
+            keep_validated=_past_freshness(swr, sie, True),
             vary_names=self.vary_names(vary),
             no_cache=no_cache,
             shareable=shareable,
@@ -931,7 +942,7 @@ class MemoryLayer:
         #: key -> its one variant (a plain tuple: see `Entry`), or a list of them.
         self._data: OrderedDict[str, tuple[Any, ...] | list[tuple[Any, ...]]] = OrderedDict()
         self._evictions: dict[str, metrics.Tally] = {}
-        self._stored = 0
+        self._since_collect = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -983,14 +994,14 @@ class MemoryLayer:
         if self.bytes > self.max_bytes:
             self._evict()
         metrics.CACHE_MEMORY.value = self.bytes
-        self._stored += 1
-        if self._stored >= COLLECT_EVERY:
+        self._since_collect += 1
+        if self._since_collect >= COLLECT_EVERY:
             # The collector starts a young-generation pass after 700 more objects
             # are made than freed. An evicted entry freed makes up for a new one
             # made, so once the layer is full no pass comes, new entries are never
             # looked at (and untracked), and when a pass does come it scans all of
             # them at once: 50-90 ms. A pass every COLLECT_EVERY stores keeps it short.
-            self._stored = 0
+            self._since_collect = 0
             gc.collect(0)
         return True
 
